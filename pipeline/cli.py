@@ -1,0 +1,44 @@
+"""The `digit` command: inspect artifacts, run the Prefect flow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="digit", description="DiGIT pipeline tools")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_inspect = sub.add_parser("inspect", help="summarise a pipeline artifact and write a picture of it")
+    p_inspect.add_argument(
+        "path", help="an artifact: data/images, a shard, data/features.zarr, a model dir, ..."
+    )
+    p_inspect.add_argument(
+        "--reports", default="reports/inspect", help="where pictures go (default: %(default)s)"
+    )
+    p_flow = sub.add_parser("flow", help="run stages as a Prefect flow (same code as `dvc repro`)")
+    p_flow.add_argument("--params", default="params.yaml")
+    p_flow.add_argument("--stages", default="", help="comma-separated stage names (default: all, DAG order)")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "inspect":
+        from pipeline.inspect import inspect_artifact
+
+        try:
+            print(inspect_artifact(args.path, args.reports))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.cmd == "flow":
+        from pipeline.flow import digit_flow
+
+        stages = [s for s in args.stages.split(",") if s] or None
+        for name, metrics in digit_flow(args.params, stages).items():
+            print(f"{name}: {metrics}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from pipeline.config import Params, ParamsError, load_params, parse_params, with_overrides
+
+from .conftest import REPO
+
+
+def test_shipped_params_validate_and_match_schema_defaults():
+    shipped = load_params(REPO / "params.yaml")
+    assert shipped == Params(), "params.yaml and the schema defaults drifted apart"
+
+
+def test_out_of_range_value_names_key_value_and_bound():
+    with pytest.raises(ParamsError) as e:
+        parse_params({"prepare": {"train_size": -5}}, "params.yaml")
+    msg = str(e.value)
+    assert "params.yaml: prepare.train_size" in msg
+    assert "-5" in msg and "greater than or equal to 1" in msg
+
+
+def test_unknown_key_is_rejected_with_its_path():
+    with pytest.raises(ParamsError, match=r"prepare\.trian_size: unknown key"):
+        parse_params({"prepare": {"trian_size": 5}})
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ParamsError, match=r"tokenise: unknown key"):
+        parse_params({"tokenise": {}})
+
+
+def test_wrong_type_names_expected_type():
+    with pytest.raises(ParamsError, match=r"base\.image_size: Input should be a valid integer.*got 'big'"):
+        parse_params({"base": {"image_size": "big"}})
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ParamsError, match=r"prepare\.source: Input should be 'builtin' or 'imagefolder'"):
+        parse_params({"prepare": {"source": "web"}})
+
+
+def test_cross_field_rule_imagefolder_needs_root():
+    with pytest.raises(ParamsError, match=r"needs prepare\.root"):
+        parse_params({"prepare": {"source": "imagefolder"}})
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ParamsError) as e:
+        parse_params({"prepare": {"train_size": 0, "shard_size": "x"}, "base": {"seed": -1}})
+    msg = str(e.value)
+    for key in ("prepare.train_size", "prepare.shard_size", "base.seed"):
+        assert key in msg
+
+
+def test_load_params_file_errors(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(top)
+
+
+def test_overrides_are_validated():
+    p = with_overrides(Params(), {"prepare.train_size": 7})
+    assert p.prepare.train_size == 7 and p.prepare.val_size == Params().prepare.val_size
+    with pytest.raises(ParamsError, match="prepare.val_size"):
+        with_overrides(Params(), {"prepare.val_size": 0})
