@@ -25,6 +25,7 @@ class Section(BaseModel):
 class Base(Section):
     seed: int = Field(0, ge=0, description="root seed; every stage derives its own seeds from it")
     image_size: int = Field(64, ge=16, le=1024, description="side of the square RGB images in the shards")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     num_classes: int = Field(
         10, ge=2, le=12, description="classes of the built-in data (ignored for imagefolder)"
     )
@@ -48,9 +49,81 @@ class Prepare(Section):
         return self
 
 
+class Encoder(Section):
+    """The tokenizer's feature encoder (shared by extract, tokenize and the stability metric)."""
+
+    source: Literal["ssl", "timm", "file", "random"] = "ssl"
+    name: str | None = Field(
+        None, description="timm architecture for timm/file/random (ssl: from its config)"
+    )
+    weights: str | None = Field("models/encoder", description="ssl: checkpoint dir; file: .pth/.safetensors")
+    layer: int = Field(
+        -3, description="block whose output (through the final norm) is used; -3 = third from last"
+    )
+    img_size: int | None = Field(None, ge=14, description="encoder input size (None: base.image_size)")
+    mean: tuple[float, float, float] | None = Field(None, description="None: the weights' own normalisation")
+    std: tuple[float, float, float] | None = None
+    seed: int = Field(0, ge=0, description="init seed for source 'random' (tests only)")
+
+    @model_validator(mode="after")
+    def _needs(self) -> Encoder:
+        if self.source in ("ssl", "file") and not self.weights:
+            raise ValueError(f"source '{self.source}' needs encoder.weights (a path)")
+        if self.source in ("timm", "file", "random") and not self.name:
+            raise ValueError(f"source '{self.source}' needs encoder.name (a timm architecture)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"encoder.std must be positive, got {self.std}")
+        return self
+
+
+class Extract(Section):
+    batch_size: int = Field(64, ge=1, description="images per encoder forward")
+
+
+class KMeans(Section):
+    k: int = Field(256, ge=2, le=65535, description="codebook size (tokens are stored as uint16)")
+    niter: int = Field(20, ge=1, description="Lloyd iterations (paper: 20)")
+    seed: int = Field(0, ge=0)
+    max_points_per_centroid: int = Field(256, ge=1, description="faiss subsamples to K × this many points")
+    sample_patches: int = Field(65536, ge=1, description="train patches read from the feature store")
+    gpu: Literal["auto", "on", "off"] = "auto"
+
+
+class Tokenize(Section):
+    batch_size: int = Field(256, ge=1, description="images per assignment batch")
+
+
+class Train(Section):
+    """Optimisation knobs shared by every trained model (see pipeline/train.py)."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch (split over torchrun processes)")
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between rows of the training-curve TSV")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA only")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> Train:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+
 class Params(Section):
     base: Base = Base()
     prepare: Prepare = Prepare()
+    encoder: Encoder = Encoder()
+    extract: Extract = Extract()
+    kmeans: KMeans = KMeans()
+    tokenize: Tokenize = Tokenize()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

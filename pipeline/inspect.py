@@ -123,3 +123,244 @@ def show_image_shards(path: Path, reports: Path, per_class: int = 8) -> str:
     out = save_png(grid, reports / f"{_slug(path)}_grid.png")
     lines.append(f"picture: {out}")
     return "\n".join(lines)
+
+
+# --- feature store ------------------------------------------------------------------------------------
+
+
+def _is_zarr(p: Path) -> bool:
+    return p.is_dir() and (p / "zarr.json").is_file() and (p / "train").is_dir()
+
+
+def _sibling_images(path: Path) -> Path | None:
+    cand = path.parent / "images"
+    return cand if _is_image_dir(cand) else None
+
+
+def _images_by_key(images_dir: Path | None, split: str, keys: list[str]) -> dict[str, np.ndarray]:
+    """Look up images by key in the image shards (stops once all are found)."""
+    from pipeline.shards import iter_samples, list_shards
+
+    if images_dir is None:
+        return {}
+    wanted, found = set(keys), {}
+    for s in iter_samples(list_shards(images_dir, split)):
+        if s["__key__"] in wanted:
+            found[s["__key__"]] = s["png"]
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def pca_rgb(feats: np.ndarray) -> np.ndarray:
+    """Project [..., D] features on their top-3 principal components, scaled to uint8 RGB."""
+    flat = feats.reshape(-1, feats.shape[-1]).astype(np.float64)
+    flat = flat - flat.mean(0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vt[:3].T
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-8), 0, 1)
+    return (rgb.reshape(*feats.shape[:-1], 3) * 255).astype(np.uint8)
+
+
+def _upscale(grid_img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(grid_img).resize((size, size), Image.NEAREST))
+
+
+@register("feature store", _is_zarr)
+def show_features(path: Path, reports: Path, n: int = 8) -> str:
+    from pipeline.features import open_features
+
+    store = open_features(path)
+    attrs = dict(store.attrs)
+    lines = []
+    for split in ("train", "val"):
+        if split in store:
+            a = store[f"{split}/patches"]
+            lines.append(f"{split}: patches {a.dtype} {list(a.shape)} chunks {list(a.chunks)}")
+    keep = (
+        "encoder",
+        "source",
+        "layer",
+        "block_index",
+        "img_size",
+        "patch_size",
+        "grid",
+        "dim",
+        "weights",
+        "weights_sha256",
+    )
+    lines.append("attrs: " + ", ".join(f"{k}={attrs[k]}" for k in keep if k in attrs))
+    if attrs.get("random_weights"):
+        lines.append("WARNING: features of a randomly initialised encoder (tests only)")
+    split = "val" if "val" in store else "train"
+    feats = np.asarray(store[f"{split}/patches"][:n], dtype=np.float32)
+    keys = [str(k) for k in store[f"{split}/keys"][:n]]
+    h, w = attrs["grid"]
+    rgb = pca_rgb(feats).reshape(len(keys), h, w, 3)
+    images = _images_by_key(_sibling_images(path), split, keys)
+    size = max(64, (images[keys[0]].shape[0] if images else 64))
+    rows = [[_upscale(r, size) for r in rgb]]
+    labels = ["PCA→RGB"]
+    if images:
+        rows.insert(0, [images[k] for k in keys])
+        labels.insert(0, "image")
+    out = save_png(
+        image_grid(rows, labels, title=f"{split}: first {len(keys)} images, patch features"),
+        reports / f"{_slug(path)}_pca.png",
+    )
+    lines.append(f"picture: {out}")
+    return "\n".join(lines)
+
+
+# --- K-Means codebook ---------------------------------------------------------------------------------
+
+
+def _is_kmeans(p: Path) -> bool:
+    return (p.is_dir() and (p / "centroids.npy").is_file()) or (p.is_file() and p.name == "centroids.npy")
+
+
+@register("k-means codebook", _is_kmeans)
+def show_kmeans(path: Path, reports: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.tokenizer import load_centroids
+
+    directory = path if path.is_dir() else path.parent
+    centroids, meta = load_centroids(directory)
+    k, d = centroids.shape
+    norms = np.linalg.norm(centroids, axis=1)
+    lines = [
+        f"centroids: {centroids.dtype} [K={k}, D={d}]; norm min/median/max "
+        f"{norms.min():.3g}/{np.median(norms):.3g}/{norms.max():.3g}"
+    ]
+    if meta:
+        lines.append(
+            "fit: "
+            + ", ".join(
+                f"{key}={meta[key]:.4g}" if isinstance(meta[key], float) else f"{key}={meta[key]}"
+                for key in ("inertia", "iterations", "device", "n_train", "seconds")
+                if key in meta
+            )
+        )
+    usage_path = directory / "usage.npy"
+    if usage_path.is_file():
+        counts = np.load(usage_path, allow_pickle=False)
+        p = counts[counts > 0] / counts.sum()
+        entropy = float(-(p * np.log2(p)).sum())
+        lines.append(
+            f"usage on the training sample: entropy {entropy:.2f} of {np.log2(k):.2f} bits, "
+            f"dead clusters {int((counts == 0).sum())}, busiest {int(counts.max())} / "
+            f"median {int(np.median(counts))}"
+        )
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
+        ax[0].bar(np.arange(k), np.sort(counts)[::-1], width=1.0)
+        ax[0].set(title="cluster usage (sorted)", xlabel="rank", ylabel="patches", yscale="log")
+        ax[1].hist(counts, bins=50)
+        ax[1].set(title="histogram of cluster sizes", xlabel="patches per cluster", ylabel="clusters")
+        fig.tight_layout()
+        out = reports / f"{_slug(directory)}_usage.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        lines.append(f"picture: {out}")
+    return "\n".join(lines)
+
+
+# --- token shards -------------------------------------------------------------------------------------
+
+
+def _is_token_dir(p: Path) -> bool:
+    if not p.is_dir():
+        return False
+    shards = sorted(p.glob("*-[0-9][0-9][0-9][0-9][0-9].tar"))
+    return bool(shards) and _is_token_shard(shards[0])
+
+
+def _is_token_shard(p: Path) -> bool:
+    return "digit.npy" in _shard_fields(p) or "vq.npy" in _shard_fields(p)
+
+
+def _palette(k: int) -> np.ndarray:
+    rng = np.random.default_rng(1234)
+    return rng.integers(40, 256, (k, 3)).astype(np.uint8)
+
+
+@register("token shards", lambda p: _is_token_dir(p) or _is_token_shard(p))
+def show_tokens(path: Path, reports: Path, n: int = 8, top: int = 8, per_cluster: int = 10) -> str:
+    from pipeline.shards import iter_samples, list_shards
+
+    if path.is_dir():
+        split = "val" if list(path.glob("val-*.tar")) else "train"
+        shards = list_shards(path, split)
+        images_dir = _sibling_images(path)
+    else:
+        split, shards, images_dir = path.name.split("-")[0], [path], _sibling_images(path.parent)
+    fields: set[str] = set()
+    counts: dict[str, np.ndarray] = {}
+    n_images, grids, first = 0, {}, []
+    for s in iter_samples(shards):
+        n_images += 1
+        for f in ("digit.npy", "vq.npy"):
+            if f in s:
+                fields.add(f)
+                t = s[f].astype(np.int64)
+                grids[f] = t.shape
+                c = np.bincount(t.ravel())
+                prev = counts.get(f, np.zeros(0, np.int64))
+                size = max(len(prev), len(c))
+                counts[f] = np.pad(prev, (0, size - len(prev))) + np.pad(c, (0, size - len(c)))
+        if len(first) < 64:
+            first.append(s)
+    lines = [f"{split}: {n_images} images in {len(shards)} shard(s); fields: {', '.join(sorted(fields))}"]
+    for f in sorted(fields):
+        c = counts[f]
+        p = c[c > 0] / c.sum()
+        lines.append(
+            f"{f}: grid {list(grids[f])}, ids used {int((c > 0).sum())} (max id {len(c) - 1}), "
+            f"usage entropy {float(-(p * np.log2(p)).sum()):.2f} bits"
+        )
+    field = "digit.npy" if "digit.npy" in fields else sorted(fields)[0]
+    images = _images_by_key(images_dir, split, [s["__key__"] for s in first])
+    k = len(counts[field])
+    pal = _palette(k)
+    picked = first[:n]
+    h, w = grids[field]
+    if images:
+        size = images[picked[0]["__key__"]].shape[0]
+        over = []
+        for s in picked:
+            img = images[s["__key__"]].astype(np.float32)
+            tok = _upscale(pal[s[field].astype(np.int64)], size).astype(np.float32)
+            over.append((0.45 * img + 0.55 * tok).astype(np.uint8))
+        rows = [[images[s["__key__"]] for s in picked], over]
+        labels = ["image", f"{field} map"]
+        # Montage: the image patches that fall in the most used clusters.
+        ph, pw = size // h, size // w
+        busiest = np.argsort(counts[field])[::-1][:top]
+        for c in busiest:
+            crops = []
+            for s in first:
+                if s["__key__"] not in images:
+                    continue
+                for i, j in zip(*np.nonzero(s[field].astype(np.int64) == c), strict=True):
+                    crops.append(images[s["__key__"]][i * ph : (i + 1) * ph, j * pw : (j + 1) * pw])
+                    if len(crops) >= per_cluster:
+                        break
+                if len(crops) >= per_cluster:
+                    break
+            if crops:
+                rows.append([_upscale(cr, size // 2) for cr in crops])
+                labels.append(f"token {c}")
+    else:
+        rows = [[_upscale(pal[s[field].astype(np.int64)], 64) for s in picked]]
+        labels = [f"{field} map"]
+        lines.append("(no image shards found beside the token shards: token maps only)")
+    out = save_png(image_grid(rows, labels, title=f"{split}: {field}"), reports / f"{_slug(path)}_tokens.png")
+    lines.append(f"picture: {out}")
+    return "\n".join(lines)

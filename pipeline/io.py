@@ -37,12 +37,18 @@ def atomic_dir(final: str | Path, keep_partial: bool = False) -> Iterator[Path]:
         if not keep_partial:
             _remove(tmp)
         raise
+    promote(tmp, final)
+
+
+def promote(src: str | Path, final: str | Path) -> None:
+    """Move a finished `src` onto `final`, replacing whatever was there, with one rename at the end."""
+    src, final = Path(src), Path(final)
     old = final.with_name(final.name + ".old")
     if old.exists():
         _remove(old)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(src, final)
     if old.exists():
         _remove(old)
 

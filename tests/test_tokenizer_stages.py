@@ -1,0 +1,170 @@
+"""prepare → extract → kmeans → tokenize on a tiny config, with a tiny saved SSL-layout encoder."""
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from pipeline.assign import assign
+from pipeline.checkpoint import save_checkpoint
+from pipeline.features import open_features
+from pipeline.inspect import inspect_artifact
+from pipeline.shards import iter_samples, list_shards
+from stages import extract, kmeans, prepare, tokenize
+
+from .conftest import tiny_params
+
+TIMM_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vit = VisionTransformer(**TIMM_KWARGS)
+    d = tmp_path_factory.mktemp("enc") / "encoder"
+    save_checkpoint(
+        d,
+        vit.state_dict(),
+        {
+            "kind": "ssl_vit",
+            "timm_kwargs": TIMM_KWARGS,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "img_size": 32,
+            "patch_size": 8,
+        },
+    )
+    return d
+
+
+def _params(encoder_dir, **kw):
+    return tiny_params(encoder__weights=str(encoder_dir), kmeans__k=8, kmeans__sample_patches=300, **kw)
+
+
+def _chain(params, root):
+    root.mkdir(parents=True, exist_ok=True)
+    prepare.run(params, out=str(root / "images"))
+    m_ext = extract.run(params, images=str(root / "images"), out=str(root / "features.zarr"))
+    m_km = kmeans.run(params, features=str(root / "features.zarr"), out=str(root / "kmeans"))
+    m_tok = tokenize.run(
+        params, features=str(root / "features.zarr"), kmeans=str(root / "kmeans"), out=str(root / "tokens")
+    )
+    return m_ext, m_km, m_tok
+
+
+@pytest.fixture(scope="module")
+def chain(encoder_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    return root, _chain(_params(encoder_dir), root)
+
+
+def test_chain_outputs_follow_the_contract(chain):
+    root, (m_ext, m_km, m_tok) = chain
+    store = open_features(root / "features.zarr")
+    assert store["train/patches"].shape == (24, 16, 32) and store["train/patches"].dtype == np.float16
+    assert store["val/patches"].shape == (12, 16, 32)
+    assert store.attrs["source"] == "ssl" and store.attrs["layer"] == -3 and store.attrs["block_index"] == 0
+    assert len(store.attrs["weights_sha256"]) == 64
+    assert m_ext["tokens_per_image"] == 16 and m_ext["shards_resumed"] == 0
+    centroids = np.load(root / "kmeans/centroids.npy")
+    assert centroids.shape == (8, 32) and centroids.dtype == np.float32
+    for key in ("inertia", "seconds", "usage_entropy_bits", "dead_clusters"):
+        assert key in m_km
+    # every token equals the brute-force nearest centroid of its stored feature; keys follow the images
+    feats = np.asarray(store["val/patches"][:], dtype=np.float32)
+    brute = ((feats[:, :, None, :] - centroids[None, None]) ** 2).sum(-1).argmin(-1)
+    samples = list(iter_samples(list_shards(root / "tokens", "val")))
+    tokens = np.stack([s["digit.npy"] for s in samples])
+    assert tokens.dtype == np.uint16 and tokens.shape == (12, 4, 4)
+    np.testing.assert_array_equal(tokens.reshape(12, 16), brute)
+    images = list(iter_samples(list_shards(root / "images", "val")))
+    assert [s["__key__"] for s in samples] == [s["__key__"] for s in images]
+    assert [s["cls"] for s in samples] == [s["cls"] for s in images]
+    assert m_tok["val_images"] == 12 and m_tok["train_images"] == 24
+
+
+def test_two_runs_give_identical_centroids_and_tokens(chain, encoder_dir, tmp_path):
+    root, _ = chain
+    _chain(_params(encoder_dir), tmp_path)
+    assert (tmp_path / "kmeans/centroids.npy").read_bytes() == (root / "kmeans/centroids.npy").read_bytes()
+    for shard in sorted((root / "tokens").glob("*.tar")):
+        assert shard.read_bytes() == (tmp_path / "tokens" / shard.name).read_bytes()
+
+
+def test_interrupted_extract_resumes_to_the_same_store(chain, encoder_dir, tmp_path, monkeypatch):
+    root, _ = chain
+    params = _params(encoder_dir)
+    calls = {"n": 0}
+    real = extract.extract_shard
+
+    def dies_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "extract_shard", dies_on_third)
+    out = tmp_path / "features.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(params, images=str(root / "images"), out=str(out))
+    assert not out.exists(), "an interrupted extract must not leave a finished-looking store"
+    assert (tmp_path / "features.zarr.partial").exists()
+    monkeypatch.setattr(extract, "extract_shard", real)
+    m = extract.run(params, images=str(root / "images"), out=str(out))
+    assert m["shards_resumed"] == 2
+    assert not (tmp_path / "features.zarr.partial").exists()
+    a, b = open_features(out), open_features(root / "features.zarr")
+    for split in ("train", "val"):
+        for name in ("patches", "labels", "keys"):
+            np.testing.assert_array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:])
+
+
+def test_partial_store_from_other_settings_is_discarded(chain, encoder_dir, tmp_path, monkeypatch):
+    root, _ = chain
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract, "extract_shard", boom)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(
+            _params(encoder_dir, encoder__layer=-1), images=str(root / "images"), out=str(tmp_path / "f.zarr")
+        )
+    monkeypatch.undo()
+    m = extract.run(_params(encoder_dir), images=str(root / "images"), out=str(tmp_path / "f.zarr"))
+    assert m["shards_resumed"] == 0
+
+
+def test_tokenize_refuses_mismatched_codebook(chain, tmp_path):
+    root, _ = chain
+    (tmp_path / "km").mkdir()
+    np.save(tmp_path / "km/centroids.npy", np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="D=5.*D=32"):
+        tokenize.run(
+            tiny_params(),
+            features=str(root / "features.zarr"),
+            kmeans=str(tmp_path / "km"),
+            out=str(tmp_path / "tok"),
+        )
+    assert not (tmp_path / "tok").exists()
+
+
+def test_assign_is_used_consistently(chain):
+    root, _ = chain
+    centroids = np.load(root / "kmeans/centroids.npy")
+    x = np.random.default_rng(0).normal(size=(50, 32)).astype(np.float32)
+    np.testing.assert_array_equal(
+        assign(x, centroids), ((x[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    )
+
+
+def test_inspect_views_of_tokenizer_artifacts(chain, tmp_path):
+    root, _ = chain
+    text = inspect_artifact(root / "features.zarr", tmp_path)
+    assert "train: patches float16 [24, 16, 32]" in text and "source=ssl" in text
+    text = inspect_artifact(root / "kmeans", tmp_path)
+    assert "[K=8, D=32]" in text and "dead clusters" in text
+    text = inspect_artifact(root / "tokens", tmp_path)
+    assert "val: 12 images" in text and "digit.npy: grid [4, 4]" in text
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 3, names
