@@ -1,0 +1,184 @@
+"""Stage-2 renderer: DiGIT tokens of an image -> the pixel VQ model's tokens of the same image.
+
+Decoder-only and pre-LN like the stage-1 GPT (it reuses gpt.py's Transformer trunk, KV cache and
+sampling loop). Sequence: [s1 .. sN (DiGIT tokens), SEP, v1 .. vM (VQ tokens)]; the two segments have their
+own token tables and their own position tables (SEP is VQ-segment position 0), and the loss is on the VQ
+segment only: the outputs at SEP, v1 .. v(M-1) predict v1 .. vM, the DiGIT segment has no target. Trained on
+the true DiGIT tokens of each image (teacher forcing); at sampling time it is fed the stage-1 GPT's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.models.gpt import GPT_SIZES, Transformer, autoregress, init_weights, rowwise
+from pipeline.sampling import process_logits, sample_rows
+
+RENDERER_SIZES: dict[str, dict[str, int]] = dict(GPT_SIZES)
+
+
+@dataclass
+class RendererConfig:
+    digit_vocab_size: int = 512  # K of the DiGIT tokenizer
+    vq_vocab_size: int = 512  # codebook size of the pixel VQ model (SEP is one extra input id)
+    digit_len: int = 64  # N: DiGIT tokens per image
+    vq_len: int = 64  # M: VQ tokens per image
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    ffn_dim: int = 1024
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"RendererConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("digit_vocab_size", "vq_vocab_size", "digit_len", "vq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RendererConfig.{name}: expected >= 1, got {getattr(self, name)}")
+
+
+def renderer_config(
+    size: str, digit_vocab_size: int, vq_vocab_size: int, digit_len: int, vq_len: int, **overrides
+) -> RendererConfig:
+    """A RendererConfig of a named size (RENDERER_SIZES, the GPT's sizes), fields overridable by keyword."""
+    if size not in RENDERER_SIZES:
+        raise ValueError(f"unknown renderer size {size!r}; expected one of {sorted(RENDERER_SIZES)}")
+    fields = {
+        **RENDERER_SIZES[size],
+        "digit_vocab_size": digit_vocab_size,
+        "vq_vocab_size": vq_vocab_size,
+        "digit_len": digit_len,
+        "vq_len": vq_len,
+    }
+    return RendererConfig(**{**fields, **overrides})
+
+
+class Renderer(nn.Module):
+    def __init__(self, config: RendererConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.digit_emb = nn.Embedding(c.digit_vocab_size, c.n_embd)
+        self.digit_pos = nn.Embedding(c.digit_len, c.n_embd)
+        self.vq_emb = nn.Embedding(c.vq_vocab_size + 1, c.n_embd)  # last row: SEP
+        self.vq_pos = nn.Embedding(c.vq_len, c.n_embd)  # SEP at 0, v_j (as input) at j
+        self.drop = nn.Dropout(c.dropout)
+        self.trunk = Transformer(c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias)
+        self.head = nn.Linear(c.n_embd, c.vq_vocab_size, bias=False)
+        init_weights(self, c.n_layer, torch.Generator().manual_seed(seed))
+
+    @property
+    def sep(self) -> int:
+        return self.config.vq_vocab_size
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def checkpoint_meta(self) -> dict:
+        return {"kind": "renderer", "config": asdict(self.config)}
+
+    def _check(self, ids: torch.Tensor, length: int, vocab: int, name: str) -> None:
+        if ids.dim() != 2 or ids.shape[1] != length or ids.dtype != torch.long:
+            raise ValueError(f"{name}: expected int64 ids [B, {length}], got {ids.dtype} {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{name}: ids must be in [0, {vocab}), found range [{lo}, {hi}]")
+
+    def _prefix(self, digit: torch.Tensor) -> torch.Tensor:
+        """Embeddings of [s1 .. sN, SEP]: [B, N + 1, D]."""
+        device = digit.device
+        x = self.digit_emb(digit) + self.digit_pos(torch.arange(digit.shape[1], device=device))
+        sep = self.vq_emb(torch.full((digit.shape[0], 1), self.sep, device=device)) + self.vq_pos.weight[:1]
+        return self.drop(torch.cat([x, sep], dim=1))
+
+    def _embed_vq(self, ids: torch.Tensor, i: int) -> torch.Tensor:
+        """Embeddings of VQ tokens i .. i+t-1 (0-based), which sit at VQ-segment positions i+1 .. i+t."""
+        positions = torch.arange(i + 1, i + 1 + ids.shape[1], device=ids.device)
+        return self.drop(self.vq_emb(ids) + self.vq_pos(positions))
+
+    def logits(self, digit: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, M, V]: row j predicts v(j+1) from s1..sN, SEP, v1..vj."""
+        x = torch.cat([self._prefix(digit), self._embed_vq(vq[:, :-1], 0)], dim=1)
+        h = self.trunk(x)
+        return self.head(h[:, self.config.digit_len :])
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """batch {"digit": [B, N] long, "vq": [B, M] long} -> (CE over the VQ segment, {"acc"})."""
+        c = self.config
+        digit, vq = batch["digit"], batch["vq"]
+        self._check(digit, c.digit_len, c.digit_vocab_size, "batch['digit']")
+        self._check(vq, c.vq_len, c.vq_vocab_size, "batch['vq']")
+        if digit.shape[0] != vq.shape[0]:
+            raise ValueError(f"batch: digit has {digit.shape[0]} rows but vq has {vq.shape[0]}")
+        logits = self.logits(digit, vq)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), vq.reshape(-1), label_smoothing=c.label_smoothing
+        )
+        acc = (logits.argmax(-1) == vq).float().mean()
+        return loss, {"acc": float(acc)}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        digit_tokens: torch.Tensor,
+        generators: list[torch.Generator],
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        batch_invariant: bool = True,
+    ) -> torch.Tensor:
+        """VQ token ids [B, M] for DiGIT tokens [B, N]; row b drawn with generators[b].
+
+        batch_invariant as in GPT.generate: one row at a time, so results do not depend on the batch.
+        """
+        c = self.config
+        digit_tokens = digit_tokens.to(self.digit_emb.weight.device)
+        self._check(digit_tokens, c.digit_len, c.digit_vocab_size, "digit_tokens")
+        B = digit_tokens.shape[0]
+        if len(generators) != B:
+            raise ValueError(f"generate: {B} rows of digit_tokens but {len(generators)} generators")
+        if batch_invariant and B > 1:
+            return rowwise(
+                lambda r: self.generate(
+                    digit_tokens[r],
+                    generators[r],
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    use_cache=use_cache,
+                    batch_invariant=False,
+                ),
+                B,
+            )
+        was_training = self.training
+        self.eval()
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            logits = process_logits(logits.float(), temperature, top_k, top_p)
+            return sample_rows(logits, generators, greedy=temperature == 0)
+
+        out = autoregress(
+            self.trunk, self._prefix(digit_tokens), self._embed_vq, self.head, pick, c.vq_len, use_cache
+        )
+        self.train(was_training)
+        return out
+
+
+def load_renderer(directory: str | Path, map_location: str = "cpu") -> Renderer:
+    """A Renderer from a checkpoint directory written with `checkpoint_meta()` (safetensors + JSON)."""
+    state, meta, _ = load_checkpoint(directory, map_location=map_location)
+    if meta.get("kind") != "renderer":
+        raise CheckpointError(f"{directory}: config.json kind is {meta.get('kind')!r}, expected 'renderer'")
+    model = Renderer(RendererConfig(**meta["config"]))
+    model.load_state_dict(state)
+    return model.to(map_location)

@@ -1,0 +1,365 @@
+"""The one training loop: every trained model of the pipeline (GPT, renderer, VQ, SSL encoder, judge).
+
+Protocol a model implements:
+    training_loss(batch: dict[str, Tensor]) -> (scalar loss, {name: float})   # logs go to the TSV
+    after_optimizer_step(step: int) -> None   # optional (EMA teacher, codebook upkeep);
+                                              # may raise TrainingStopped
+
+Steps are 0-based everywhere: `batches(s)` yields the batches of steps s, s+1, ...; the TSV's `step` column
+and `after_optimizer_step(step)` use the index of the step just run; a checkpoint's meta["step"] is the
+number of steps done, i.e. the step a resume starts at.
+
+Exact resume: the weights, the AdamW state and the step go into run_dir/last (safetensors + JSON). Instead
+of saving the torch RNG state, the global RNG is re-seeded at the start of every step with
+derive_seed(cfg.seed, step, rank); so dropout masks, class dropout and any torch.rand a model or a batch
+iterator calls are a function of (seed, step, rank) — identical after a resume, with no per-rank state to
+gather. On CPU a resumed run ends bit-identical to an uninterrupted one (tested).
+
+Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1 in the environment) `fit` joins the process
+group (gloo on CPU, NCCL on CUDA), wraps the model in DDP (gradients averaged over ranks, so N ranks with
+per-rank batch B match one process with batch N*B), and rank 0 alone writes checkpoints and the TSV; the
+logged loss and model logs are averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.sampling import derive_seed
+
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+AMP_MODES = ("auto", "bf16", "off")
+BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "items_per_s", "seconds"]
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (non-finite loss, collapse detected by the model, ...). The message says why."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | inverse_sqrt | constant (after linear warm-up)
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
+    weight_decay: float = 0.01  # on >=2-D weights only
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    checkpoint_every: int = 500  # steps between run_dir/last checkpoints (and always at the end)
+    log_every: int = 1  # TSV rows every this many steps (and the last step)
+    seed: int = 0
+    amp: str = "auto"  # auto = bf16 autocast on CUDA only | bf16 = bf16 autocast on any device | off
+    device: str = "auto"  # auto = cuda if available | cpu | cuda | cuda:N
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in some steps
+
+    def __post_init__(self) -> None:
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp: expected one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.lr <= 0:
+            raise ValueError(
+                "TrainConfig: expected lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
+                f"lr={self.lr}, warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio}"
+            )
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to cfg.lr, then the schedule (floor: min_lr_ratio)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        factor = 1.0
+    elif cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # inverse_sqrt, fairseq-style: continuous with the warm-up's end
+        factor = max(floor, math.sqrt(max(1, cfg.warmup_steps) / (step + 1)))
+    return cfg.lr * factor
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: from the process group if joined, else from torchrun's env."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device={name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        # Under torchrun each rank takes its own GPU.
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1). Returns True if this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+class _LossModule(nn.Module):
+    """Routes DDP's forward to `training_loss`, so gradient sync works for the protocol's method."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.training_loss(batch)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on >=2-D weights (matrices, embeddings) and none on biases / norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__}: no parameters with requires_grad=True to train")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _resume_dir(run_dir: Path) -> Path | None:
+    last = run_dir / "last"
+    if (last / "config.json").is_file():
+        return last
+    # save_checkpoint moves the previous checkpoint to last.old before renaming the new one into place;
+    # a kill between the two renames leaves only last.old, which is still a complete checkpoint.
+    old = run_dir / "last.old"
+    if (old / "config.json").is_file():
+        return old
+    return None
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _check_same_run(saved: dict[str, Any], meta: dict[str, Any], where: Path) -> None:
+    for key, value in meta.items():
+        if key in saved and saved[key] != _json_roundtrip(value):
+            raise CheckpointError(
+                f"{where}: written for a different run — meta[{key!r}] was {saved[key]!r}, now "
+                f"{_json_roundtrip(value)!r}. Delete {where} (or use another run_dir) to start over."
+            )
+
+
+class _TsvLog:
+    """Per-step rows, appended; on a resume, rows of steps >= start_step are dropped first (a fresh run,
+    start_step 0, starts a fresh file, so its header matches the current model's logs)."""
+
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.path = path
+        self.columns: list[str] | None = None
+        if start_step == 0:
+            path.unlink(missing_ok=True)
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f, delimiter="\t"))
+            if rows:
+                self.columns = rows[0]
+                kept = [r for r in rows[1:] if r and int(r[0]) < start_step]
+                tmp = path.with_name(path.name + ".tmp")
+                with tmp.open("w", newline="") as f:
+                    csv.writer(f, delimiter="\t", lineterminator="\n").writerows([self.columns, *kept])
+                os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict[str, float]) -> None:
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            if self.columns is None:
+                self.columns = BASE_COLUMNS + sorted(k for k in row if k not in BASE_COLUMNS)
+                writer.writerow(self.columns)
+            writer.writerow([_fmt(row.get(c, "")) for c in self.columns])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batch_rows(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]],
+    cfg: TrainConfig,
+    run_dir: Path,
+    meta: dict[str, Any],
+    log_path: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model` for cfg.steps optimizer steps, resuming from run_dir/last if it exists.
+
+    `meta` (JSON-able, e.g. {"kind": "gpt", "config": asdict(model_cfg)}) is stored with every checkpoint;
+    a resume refuses a checkpoint whose stored meta disagrees on any of these keys. Returns a summary:
+    steps, start_step, steps_run, final_loss, seconds, items_per_s, world_size, checkpoint.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    created_group = init_distributed(device)
+    rank, world = rank_world()
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+
+    start, last_loss = 0, float("nan")
+    resume = _resume_dir(run_dir)
+    if resume is not None:
+        state, saved, opt_state = load_checkpoint(resume, map_location=str(device), with_optimizer=True)
+        _check_same_run(saved, meta, resume)
+        model.load_state_dict(state)
+        optimizer.load_state_dict(opt_state)
+        start, last_loss = int(saved["step"]), float(saved.get("last_loss", float("nan")))
+        if start > cfg.steps:
+            raise CheckpointError(f"{resume}: already at step {start}, beyond TrainConfig.steps={cfg.steps}")
+    if world > 1:
+        # Every rank must resume from the same step (run_dir must be shared storage).
+        starts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(starts, torch.tensor([start], device=device))
+        if len({int(s) for s in starts}) != 1:
+            raise CheckpointError(f"{run_dir}: ranks found different resume steps {[int(s) for s in starts]}")
+
+    loss_module: nn.Module = _LossModule(model)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+    log = _TsvLog(Path(log_path), start) if (log_path is not None and rank == 0) else None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    after_step = getattr(model, "after_optimizer_step", None)
+
+    t_start = time.perf_counter()
+    items_total = 0
+    it = batches(start)
+    bar = tqdm(
+        total=cfg.steps, initial=start, unit="step", disable=not progress or rank != 0, dynamic_ncols=True
+    )
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, step, rank))
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            batch = _to_device(next(it), device)
+        except StopIteration:
+            raise ValueError(
+                f"batches({start}) ran out at step {step}; it must yield up to {cfg.steps}"
+            ) from None
+
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        with autocast:
+            loss, logs = loss_module(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # One host sync per step: loss, grad norm and the model's logs, averaged over ranks, checked before
+        # the update so that a bad step never reaches the weights or the checkpoint.
+        log_names = sorted(logs)
+        check = torch.cat(
+            [
+                torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]),
+                torch.tensor([float(logs[k]) for k in log_names], device=loss.device),
+            ]
+        )
+        if world > 1:
+            dist.all_reduce(check)
+            check /= world
+        loss_value, norm_value, *log_values = check.tolist()
+        logs = dict(zip(log_names, log_values, strict=True))
+        if not math.isfinite(loss_value):
+            raise TrainingStopped(
+                f"non-finite loss ({loss_value}) at step {step} (lr {lr:.3g}); the last good checkpoint is "
+                f"{run_dir / 'last'} — lower the lr, raise warmup_steps, or check the batch of step {step}"
+            )
+        if not math.isfinite(norm_value):
+            raise TrainingStopped(
+                f"non-finite gradient norm ({norm_value}) at step {step} (loss {loss_value:.4g})"
+            )
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+
+        last_loss = loss_value
+        rows = _batch_rows(batch) * world
+        items_total += rows
+        dt = time.perf_counter() - t0
+        if log is not None and (step % cfg.log_every == 0 or step + 1 == cfg.steps):
+            row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+            row |= {"items_per_s": rows / dt, "seconds": dt, **logs}
+            log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", items_s=f"{rows / dt:.1f}", refresh=False)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if rank == 0:
+                ckpt_meta = {**meta, "step": step + 1, "last_loss": loss_value, "train": asdict(cfg)}
+                save_checkpoint(run_dir / "last", model.state_dict(), ckpt_meta, optimizer.state_dict())
+            if world > 1:
+                dist.barrier()  # nobody runs ahead of (or returns before) the checkpoint on disk
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    summary = {
+        "steps": cfg.steps,
+        "start_step": start,
+        "steps_run": cfg.steps - start,
+        "final_loss": last_loss,
+        "seconds": seconds,
+        "items_per_s": items_total / seconds if seconds > 0 else 0.0,
+        "world_size": world,
+        "checkpoint": str(run_dir / "last"),
+    }
+    if created_group:
+        dist.destroy_process_group()
+    return summary
