@@ -117,6 +117,88 @@ class Train(Section):
         return self
 
 
+def _train(**defaults: Any) -> Any:
+    return Field(default_factory=lambda: Train(**defaults))
+
+
+class TrainVQ(Section):
+    """The pixel VQ tokenizer: trained here, or a pretrained taming/MAGE VQGAN checkpoint."""
+
+    vqgan: str | None = Field(
+        None, description="taming/MAGE VQGAN (.ckpt/.safetensors) to use instead of training"
+    )
+    channels: int = Field(64, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2)
+    stem: int = Field(4, ge=1, description="pixels folded into channels before the first conv (per side)")
+    num_res_blocks: int = Field(1, ge=0)
+    codebook_size: int = Field(512, ge=2, le=65535)
+    codebook_dim: int = Field(32, ge=1)
+    beta: float = Field(0.25, ge=0, description="commitment weight")
+    ema_decay: float = Field(0.95, gt=0, lt=1)
+    restart_unused_steps: int = Field(10, ge=0, description="restart codes unused this many steps (0: never)")
+    rec_loss: Literal["mse", "l1"] = "mse"
+    train: Train = _train(steps=500, batch_size=16, lr=2e-3, warmup_steps=20, weight_decay=0.0, log_every=10)
+
+
+class ModelSize(Section):
+    """A named transformer size (tiny | small | base | large, see pipeline/models/gpt.py) with overrides."""
+
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    n_embd: int | None = Field(None, ge=8)
+    ffn_dim: int | None = Field(None, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    def overrides(self) -> dict[str, Any]:
+        keys = ("n_layer", "n_head", "n_embd", "ffn_dim")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {**out, "dropout": self.dropout, "label_smoothing": self.label_smoothing}
+
+
+class GPTModel(ModelSize):
+    class_conditional: bool = True
+    class_dropout: float = Field(
+        0.1, ge=0, lt=1, description="share of rows trained unconditionally (for CFG)"
+    )
+
+
+class TrainGPT(Section):
+    """Stage-1 GPT, trained on DiGIT tokens (and, as the baseline, on VQ tokens) with the same settings."""
+
+    model: GPTModel = GPTModel()
+    train: Train = _train(steps=400, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01)
+
+
+class TrainRenderer(Section):
+    """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
+
+    model: ModelSize = ModelSize()
+    train: Train = _train(steps=400, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01)
+
+
+class Sampler(Section):
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+class GPTSampler(Sampler):
+    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = plain conditional")
+
+
+class Sample(Section):
+    n: int = Field(500, ge=1, description="images per variant (balanced over classes if class-conditional)")
+    batch_size: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0, description="sample i is drawn with a seed derived from (seed, i)")
+    batch_invariant: bool = Field(
+        True, description="rows computed one at a time: identical for any batch size"
+    )
+    gpt: GPTSampler = GPTSampler(top_k=100)
+    renderer: Sampler = Sampler(top_p=0.8)
+
+
 class Params(Section):
     base: Base = Base()
     prepare: Prepare = Prepare()
@@ -124,6 +206,10 @@ class Params(Section):
     extract: Extract = Extract()
     kmeans: KMeans = KMeans()
     tokenize: Tokenize = Tokenize()
+    train_vq: TrainVQ = TrainVQ()
+    train_gpt: TrainGPT = TrainGPT()
+    train_renderer: TrainRenderer = TrainRenderer()
+    sample: Sample = Sample()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -178,7 +178,8 @@ def read_manifest(images_dir: str | Path) -> pa.Table:
     path = Path(images_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found (run the prepare stage first)")
-    return pq.read_table(path)
+    # ParquetFile avoids pq.read_table's dataset layer, which imports pandas (≈1 s, 56 MB) for nothing.
+    return pq.ParquetFile(path).read()
 
 
 def manifest_classes(table: pa.Table) -> list[str]:

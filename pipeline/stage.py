@@ -33,10 +33,11 @@ def stage_main(
     paths: dict[str, str],
     argv: list[str] | None = None,
 ) -> int:
-    """Parse `--params` and one `--<path>` option per entry of `paths`, validate params, run, write metrics.
+    """Parse `--params` and one `--<name>` option per entry of `paths`, validate params, run, write metrics.
 
     `run(params, **paths)` returns the flat metrics dict, which is written to the `metrics` path if the
-    stage declares one.
+    stage declares one. Defaults may name other options, e.g. {"variant": "digit", "out":
+    "models/gpt_{variant}"}: they are filled in after parsing.
     """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -52,6 +53,7 @@ def stage_main(
         print(f"error: {e}", file=sys.stderr)
         return 2
     kwargs = {k: getattr(args, k) for k in paths}
+    kwargs = {k: v.format(**kwargs) if isinstance(v, str) else v for k, v in kwargs.items()}
     t0 = time.perf_counter()
     metrics = run(params, **kwargs)
     metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 3)}

@@ -10,7 +10,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.features import open_features
 from pipeline.inspect import inspect_artifact
 from pipeline.shards import iter_samples, list_shards
-from stages import extract, kmeans, prepare, tokenize
+from pipeline.stream import read_token_meta
+from stages import extract, kmeans, prepare, tokenize, train_vq
 
 from .conftest import tiny_params
 
@@ -38,7 +39,13 @@ def encoder_dir(tmp_path_factory):
 
 
 def _params(encoder_dir, **kw):
-    return tiny_params(encoder__weights=str(encoder_dir), kmeans__k=8, kmeans__sample_patches=300, **kw)
+    vq = dict(
+        train_vq__channels=8,
+        train_vq__codebook_size=16,
+        train_vq__codebook_dim=4,
+        train_vq__train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
+    )
+    return tiny_params(encoder__weights=str(encoder_dir), kmeans__k=8, kmeans__sample_patches=300, **vq, **kw)
 
 
 def _chain(params, root):
@@ -46,8 +53,14 @@ def _chain(params, root):
     prepare.run(params, out=str(root / "images"))
     m_ext = extract.run(params, images=str(root / "images"), out=str(root / "features.zarr"))
     m_km = kmeans.run(params, features=str(root / "features.zarr"), out=str(root / "kmeans"))
+    train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=str(root / "vq.tsv"))
     m_tok = tokenize.run(
-        params, features=str(root / "features.zarr"), kmeans=str(root / "kmeans"), out=str(root / "tokens")
+        params,
+        features=str(root / "features.zarr"),
+        kmeans=str(root / "kmeans"),
+        images=str(root / "images"),
+        vq=str(root / "vq"),
+        out=str(root / "tokens"),
     )
     return m_ext, m_km, m_tok
 
@@ -81,6 +94,13 @@ def test_chain_outputs_follow_the_contract(chain):
     assert [s["__key__"] for s in samples] == [s["__key__"] for s in images]
     assert [s["cls"] for s in samples] == [s["cls"] for s in images]
     assert m_tok["val_images"] == 12 and m_tok["train_images"] == 24
+    # pixel-VQ tokens of the same images: 32 px / 4 (stem) / 2 (one halving) = 4×4 grid of ids < 16
+    vq = np.stack([s["vq.npy"] for s in samples])
+    assert vq.dtype == np.uint16 and vq.shape == (12, 4, 4) and vq.max() < 16
+    meta = read_token_meta(root / "tokens")
+    assert meta["digit"] == {"field": "digit.npy", "vocab": 8, "grid": [4, 4]}
+    assert meta["vq"] == {"field": "vq.npy", "vocab": 16, "grid": [4, 4]}
+    assert meta["num_classes"] == 10 and meta["classes"][0] == "circle"
 
 
 def test_two_runs_give_identical_centroids_and_tokens(chain, encoder_dir, tmp_path):
@@ -144,6 +164,8 @@ def test_tokenize_refuses_mismatched_codebook(chain, tmp_path):
             tiny_params(),
             features=str(root / "features.zarr"),
             kmeans=str(tmp_path / "km"),
+            images=str(root / "images"),
+            vq=str(root / "vq"),
             out=str(tmp_path / "tok"),
         )
     assert not (tmp_path / "tok").exists()
