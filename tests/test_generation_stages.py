@@ -1,0 +1,365 @@
+"""train_gpt (both variants) → train_renderer → sample (both variants), end to end on tiny tokens made by
+the real tokenizer stages (prepare → extract → kmeans → train_vq → tokenize)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+import pipeline.train
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import dump_params, with_overrides
+from pipeline.io import read_json
+from pipeline.models.gpt import load_gpt
+from pipeline.models.renderer import load_renderer
+from pipeline.pixel_vq import load_pixel_vq, to_uint8
+from pipeline.shards import iter_samples, list_shards
+from stages import extract, kmeans, prepare, sample, tokenize, train_gpt, train_renderer, train_vq
+
+from .conftest import tiny_params
+
+TIMM_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "ffn_dim": 64}
+TINY_TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 1}
+N_SAMPLES, PER_SHARD, CLASSES = 20, 8, 10
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # the machine's cores are shared; one thread is also faster for models this small
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vit = VisionTransformer(**TIMM_KWARGS)
+    d = tmp_path_factory.mktemp("enc") / "encoder"
+    meta = {"kind": "ssl_vit", "timm_kwargs": TIMM_KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(d, vit.state_dict(), {**meta, "img_size": 32, "patch_size": 8})
+    return d
+
+
+def _params(encoder_dir, **kw):
+    tiny = dict(
+        encoder__weights=str(encoder_dir),
+        kmeans__k=8,
+        kmeans__sample_patches=320,
+        train_vq__channels=8,
+        train_vq__codebook_size=16,
+        train_vq__codebook_dim=4,
+        train_vq__train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
+        train_gpt__model=TINY_MODEL,
+        train_gpt__train=TINY_TRAIN,
+        train_renderer__model=TINY_MODEL,
+        train_renderer__train=TINY_TRAIN,
+        sample__n=N_SAMPLES,
+        sample__batch_size=4,
+    )
+    return tiny_params(**{**tiny, **kw})
+
+
+def _sample(params, root, variant, out, **paths):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sample, "SAMPLES_PER_SHARD", PER_SHARD)  # several shards from 20 samples
+        return sample.run(
+            params,
+            variant=variant,
+            gpt=str(root / f"gpt_{variant}"),
+            renderer=str(root / "renderer"),
+            vq=str(root / "vq"),
+            tokens=str(root / "tokens"),
+            out=str(out),
+            **paths,
+        )
+
+
+@pytest.fixture(scope="module")
+def chain(one_thread, encoder_dir, tmp_path_factory):
+    """The tiny token shards, both GPTs (digit: class-conditional, vq: unconditional), the renderer and
+    samples of both variants."""
+    root = tmp_path_factory.mktemp("gen")
+    params = _params(encoder_dir)
+    prepare.run(params, out=str(root / "images"))
+    extract.run(params, images=str(root / "images"), out=str(root / "features.zarr"))
+    kmeans.run(params, features=str(root / "features.zarr"), out=str(root / "kmeans"))
+    train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=None)
+    tokenize.run(
+        params,
+        features=str(root / "features.zarr"),
+        kmeans=str(root / "kmeans"),
+        images=str(root / "images"),
+        vq=str(root / "vq"),
+        out=str(root / "tokens"),
+    )
+    m = {}
+    m["gpt_digit"] = train_gpt.run(
+        params, "digit", str(root / "tokens"), str(root / "gpt_{variant}"), str(root / "gpt_digit.tsv")
+    )
+    uncond = _params(encoder_dir, train_gpt__model={**TINY_MODEL, "class_conditional": False})
+    m["gpt_vq"] = train_gpt.run(
+        uncond, "vq", str(root / "tokens"), str(root / "gpt_vq"), str(root / "gpt_vq.tsv")
+    )
+    m["renderer"] = train_renderer.run(
+        params, str(root / "tokens"), str(root / "renderer"), str(root / "renderer.tsv")
+    )
+    m["sample_digit"] = _sample(
+        params, root, "digit", root / "samples_digit", grid=str(root / "grid_digit.png")
+    )
+    m["sample_vq"] = _sample(params, root, "vq", root / "samples_vq", grid=str(root / "grid_vq.png"))
+    return root, params, m
+
+
+def _tsv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+# --- train_gpt ---------------------------------------------------------------------------------------
+
+
+def test_train_gpt_outputs_follow_the_contract(chain):
+    root, _, m = chain
+    assert sorted(p.name for p in root.glob("gpt_digit*")) == ["gpt_digit", "gpt_digit.tsv"]  # no .partial
+    assert sorted(p.name for p in (root / "gpt_digit").iterdir()) == ["config.json", "model.safetensors"]
+    saved = read_json(root / "gpt_digit/config.json")
+    assert saved["variant"] == "digit" and saved["tokens_field"] == "digit.npy" and saved["step"] == 6
+    digit, vq = load_gpt(root / "gpt_digit"), load_gpt(root / "gpt_vq")
+    # DiGIT tokens: K=8 on a 4×4 grid, class-conditional over 10 classes; VQ tokens: V=16 on 4×4
+    assert (digit.config.vocab_size, digit.config.block_size, digit.config.num_classes) == (8, 16, CLASSES)
+    assert (vq.config.vocab_size, vq.config.block_size, vq.config.num_classes) == (16, 16, 0)
+    assert (digit.config.n_layer, digit.config.n_embd) == (1, 32)
+    for variant, model in (("digit", digit), ("vq", vq)):
+        metrics = m[f"gpt_{variant}"]
+        assert metrics["params"] == model.num_params()
+        assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 0
+        assert metrics["val_sequences"] == 12 and 0.0 <= metrics["val_acc"] <= 1.0
+        assert metrics["tokens_per_s"] == pytest.approx(16 * metrics["sequences_per_s"])
+        for key in ("final_loss", "val_loss", "val_nll", "train_seconds", "seconds"):
+            assert math.isfinite(metrics[key]) and metrics[key] > 0, key
+        rows = _tsv(root / f"gpt_{variant}.tsv")
+        assert [int(r["step"]) for r in rows] == list(range(6)) and "acc" in rows[0]
+        assert float(rows[-1]["loss"]) == pytest.approx(metrics["final_loss"], rel=1e-5)
+
+
+def test_train_gpt_val_metrics_are_teacher_forced_nll_with_true_labels(chain):
+    root, _, m = chain
+    model = load_gpt(root / "gpt_digit").eval()
+    samples = list(iter_samples(list_shards(root / "tokens", "val")))
+    tokens = torch.from_numpy(np.stack([s["digit.npy"] for s in samples]).astype(np.int64)).view(12, 16)
+    labels = torch.tensor([s["cls"] for s in samples])
+    with torch.no_grad():
+        hidden = model.forward_features(tokens, labels)[-1]
+        logits = model.head(model.trunk.ln_f(hidden))[:, :16]  # position j predicts token j
+    nll = F.cross_entropy(logits.reshape(-1, 8), tokens.reshape(-1))
+    assert m["gpt_digit"]["val_nll"] == pytest.approx(float(nll), rel=1e-4)
+    acc = (logits.argmax(-1) == tokens).float().mean()
+    assert m["gpt_digit"]["val_acc"] == pytest.approx(float(acc), abs=1e-6)
+
+
+def test_train_gpt_resumes_after_a_kill_to_the_same_weights(chain, tmp_path, monkeypatch):
+    root, params, m = chain
+    params = with_overrides(params, {"train_gpt.train.checkpoint_every": 2})
+    real = pipeline.train.save_checkpoint
+
+    def dies_after_first_checkpoint(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pipeline.train, "save_checkpoint", dies_after_first_checkpoint)
+    out, curves = tmp_path / "gpt", tmp_path / "gpt.tsv"
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt.run(params, "digit", str(root / "tokens"), str(out), str(curves))
+    assert not out.exists(), "a killed run must not leave finished-looking weights"
+    assert read_json(tmp_path / "gpt.partial/last/config.json")["step"] == 2
+    monkeypatch.setattr(pipeline.train, "save_checkpoint", real)
+    resumed = train_gpt.run(params, "digit", str(root / "tokens"), str(out), str(curves))
+    assert resumed["resumed_from_step"] == 2 and not (tmp_path / "gpt.partial").exists()
+    a, b = _weights(out), _weights(root / "gpt_digit")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in _tsv(curves)] == [r["loss"] for r in _tsv(root / "gpt_digit.tsv")]
+    assert resumed["val_nll"] == m["gpt_digit"]["val_nll"]
+
+
+def test_bad_variant_is_a_clear_error(chain, tmp_path):
+    root, params, _ = chain
+    with pytest.raises(ValueError, match=r"variant 'pixels': expected one of \['digit', 'vq'\]"):
+        train_gpt.run(params, "pixels", str(root / "tokens"), str(tmp_path / "gpt"), None)
+    with pytest.raises(ValueError, match=r"variant 'pixels': expected one of \['digit', 'vq'\]"):
+        sample.run(params, variant="pixels", tokens=str(root / "tokens"), out=str(tmp_path / "s"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_gpt_cli_fills_the_variant_into_default_paths(chain, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(["--help"])
+    assert e.value.code == 0 and "--variant" in capsys.readouterr().out
+    root, params, _ = chain
+    dump_params(with_overrides(params, {"train_gpt.train.steps": 2}), tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert (
+        train_gpt.main(["--params", "params.yaml", "--variant", "vq", "--tokens", str(root / "tokens")]) == 0
+    )
+    assert (tmp_path / "models/gpt_vq/model.safetensors").is_file()
+    assert len(_tsv(tmp_path / "reports/curves/train_gpt_vq.tsv")) == 2
+    assert read_json(tmp_path / "metrics/train_gpt_vq.json")["vocab"] == 16
+
+
+# --- train_renderer ----------------------------------------------------------------------------------
+
+
+def test_train_renderer_outputs_and_val_accuracy(chain):
+    root, _, m = chain
+    model = load_renderer(root / "renderer").eval()
+    c = model.config
+    assert (c.digit_vocab_size, c.vq_vocab_size, c.digit_len, c.vq_len) == (8, 16, 16, 16)
+    assert not (root / "renderer.partial").exists()
+    metrics = m["renderer"]
+    assert metrics["params"] == model.num_params() and metrics["steps"] == 6
+    assert metrics["tokens_per_s"] == pytest.approx(32 * metrics["sequences_per_s"])
+    assert [int(r["step"]) for r in _tsv(root / "renderer.tsv")] == list(range(6))
+    samples = list(iter_samples(list_shards(root / "tokens", "val")))
+    digit = torch.from_numpy(np.stack([s["digit.npy"] for s in samples]).astype(np.int64)).view(12, 16)
+    vq = torch.from_numpy(np.stack([s["vq.npy"] for s in samples]).astype(np.int64)).view(12, 16)
+    with torch.no_grad():
+        logits = model.logits(digit, vq)
+    assert metrics["val_nll"] == pytest.approx(
+        float(F.cross_entropy(logits.reshape(-1, 16), vq.reshape(-1))), rel=1e-4
+    )
+    assert metrics["val_acc"] == pytest.approx(float((logits.argmax(-1) == vq).float().mean()), abs=1e-6)
+    assert metrics["val_loss"] > 0 and metrics["val_sequences"] == 12
+
+
+# --- sample ------------------------------------------------------------------------------------------
+
+
+def test_digit_samples_follow_the_contract_and_are_class_balanced(chain):
+    root, _, m = chain
+    shards = list_shards(root / "samples_digit", "samples")
+    assert [p.name for p in shards] == ["samples-00000.tar", "samples-00001.tar", "samples-00002.tar"]
+    samples = list(iter_samples(shards))
+    assert [s["__key__"] for s in samples] == [f"sample_{i:07d}" for i in range(N_SAMPLES)]
+    assert [s["cls"] for s in samples] == [i % CLASSES for i in range(N_SAMPLES)]
+    assert np.bincount([s["cls"] for s in samples]).tolist() == [2] * CLASSES
+    for s in samples:
+        assert s["png"].dtype == np.uint8 and s["png"].shape == (32, 32, 3)
+        assert (
+            s["digit.npy"].dtype == np.uint16 and s["digit.npy"].shape == (4, 4) and s["digit.npy"].max() < 8
+        )
+        assert s["vq.npy"].dtype == np.uint16 and s["vq.npy"].shape == (4, 4) and s["vq.npy"].max() < 16
+    assert len({s["digit.npy"].tobytes() for s in samples}) > 1, "every sample drew the same tokens"
+    # the pixels are the VQ decoding of the stored VQ tokens
+    vq = load_pixel_vq(root / "vq")
+    ids = torch.from_numpy(samples[3]["vq.npy"].astype(np.int64))[None]
+    np.testing.assert_array_equal(to_uint8(vq.decode(ids))[0], samples[3]["png"])
+    metrics = m["sample_digit"]
+    assert metrics["n"] == metrics["generated"] == N_SAMPLES and metrics["shards"] == 3
+    assert metrics["num_classes"] == CLASSES and metrics["images_per_s"] > 0
+    assert metrics["gpt_top_k"] == 100 and metrics["gpt_top_p"] == 1.0 and metrics["gpt_cfg_scale"] == 1.0
+    assert metrics["renderer_top_p"] == 0.8 and metrics["renderer_top_k"] == 0
+    assert metrics["gpt_temperature"] == metrics["renderer_temperature"] == 1.0 and metrics["seed"] == 0
+    assert read_json(root / "samples_digit/meta.json")["variant"] == "digit"
+    with Image.open(root / "grid_digit.png") as grid:
+        # 10 class rows of 32 px images at scale 2 with 2 px padding, under a 16 px title
+        assert grid.height == 16 + CLASSES * (64 + 2) + 2
+
+
+def test_samples_do_not_depend_on_batch_size(chain, tmp_path):
+    root, params, _ = chain
+    _sample(with_overrides(params, {"sample.batch_size": 16}), root, "digit", tmp_path / "s16", grid=None)
+    names = sorted(p.name for p in (root / "samples_digit").iterdir())
+    assert sorted(p.name for p in (tmp_path / "s16").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "s16" / name).read_bytes() == (root / "samples_digit" / name).read_bytes(), name
+
+
+def test_vq_variant_needs_no_renderer_and_is_unconditional(chain, tmp_path, monkeypatch):
+    root, params, m = chain
+    samples = list(iter_samples(list_shards(root / "samples_vq", "samples")))
+    assert len(samples) == N_SAMPLES and all(s["cls"] == sample.NO_CLASS for s in samples)
+    assert all("digit.npy" not in s and s["vq.npy"].shape == (4, 4) for s in samples)
+    assert m["sample_vq"]["num_classes"] == 0 and not any(k.startswith("renderer_") for k in m["sample_vq"])
+    # via the CLI, with default paths filled from --variant and no renderer anywhere
+    dump_params(params, tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "SAMPLES_PER_SHARD", PER_SHARD)
+    argv = ["--params", "params.yaml", "--variant", "vq", "--gpt", str(root / "gpt_vq")]
+    assert sample.main([*argv, "--vq", str(root / "vq"), "--tokens", str(root / "tokens")]) == 0
+    assert not (tmp_path / "models/renderer").exists()
+    for shard in list_shards(root / "samples_vq", "samples"):
+        assert (tmp_path / "data/samples/vq" / shard.name).read_bytes() == shard.read_bytes()
+    assert (tmp_path / "reports/samples_vq.png").is_file()
+    assert read_json(tmp_path / "metrics/sample_vq.json")["n"] == N_SAMPLES
+
+
+def test_sample_refuses_missing_or_mismatched_models(chain, tmp_path):
+    root, params, _ = chain
+    with pytest.raises(FileNotFoundError, match=r"renderer: no checkpoint there .*stages.train_renderer"):
+        sample.run(
+            params,
+            variant="digit",
+            gpt=str(root / "gpt_digit"),
+            renderer=str(tmp_path / "renderer"),
+            vq=str(root / "vq"),
+            tokens=str(root / "tokens"),
+            out=str(tmp_path / "s"),
+        )
+    with pytest.raises(ValueError, match="trained on 'digit' tokens, but the variant is 'vq'"):
+        sample.run(
+            params,
+            variant="vq",
+            gpt=str(root / "gpt_digit"),
+            vq=str(root / "vq"),
+            tokens=str(root / "tokens"),
+            out=str(tmp_path / "s"),
+        )
+
+
+def test_killed_sampling_resumes_from_finished_shards_of_the_same_settings(chain, tmp_path, monkeypatch):
+    root, params, _ = chain
+    real = sample.write_shard
+
+    def kill_during(params, out):
+        """Run sample into `out`, killed while writing the second shard."""
+        calls = {"n": 0}
+
+        def dies_on_second_shard(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("killed")
+            return real(*args, **kwargs)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(sample, "write_shard", dies_on_second_shard)
+            with pytest.raises(KeyboardInterrupt):
+                _sample(params, root, "digit", out, grid=None)
+        assert not out.exists(), "a killed run must not leave finished-looking samples"
+        tmp = out.with_name(out.name + ".tmp")
+        assert sorted(p.name for p in tmp.iterdir()) == ["meta.json", "samples-00000.tar"]
+
+    kill_during(params, tmp_path / "same")
+    resumed = _sample(params, root, "digit", tmp_path / "same", grid=None)
+    assert resumed["shards_resumed"] == 1 and resumed["generated"] == N_SAMPLES - PER_SHARD
+    for shard in list_shards(root / "samples_digit", "samples"):
+        assert (tmp_path / "same" / shard.name).read_bytes() == shard.read_bytes()
+    # a partial run with other settings is not reused
+    kill_during(params, tmp_path / "other")
+    other = _sample(with_overrides(params, {"sample.seed": 1}), root, "digit", tmp_path / "other", grid=None)
+    assert other["shards_resumed"] == 0 and other["generated"] == N_SAMPLES
+    first = "samples-00000.tar"
+    assert (tmp_path / "other" / first).read_bytes() != (root / "samples_digit" / first).read_bytes()
