@@ -7,11 +7,15 @@ bad value and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from pipeline.ssl.dino import SSLConfig
 
 
 class ParamsError(ValueError):
@@ -199,6 +203,29 @@ class Sample(Section):
     renderer: Sampler = Sampler(top_p=0.8)
 
 
+def _section_from_dataclass(name: str, dc: type, exclude: tuple[str, ...] = ()) -> type[Section]:
+    """A params section whose keys, types and defaults are those of a library config dataclass, so the
+    dataclass stays the one definition; its own __post_init__ checks run as the section's validator."""
+    hints = typing.get_type_hints(dc)
+    fields_ = {
+        f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(dc)
+        if f.name not in exclude
+    }
+
+    def _check(self: Section) -> Section:
+        dc(**self.model_dump())  # raises ValueError with the dataclass' own message
+        return self
+
+    return create_model(
+        name, __base__=Section, __validators__={"_check": model_validator(mode="after")(_check)}, **fields_
+    )
+
+
+# The SSL encoder's input size is base.image_size, so it is not a knob of its own here.
+PretrainEncoder = _section_from_dataclass("PretrainEncoder", SSLConfig, exclude=("img_size",))
+
+
 class Params(Section):
     base: Base = Base()
     prepare: Prepare = Prepare()
@@ -206,6 +233,7 @@ class Params(Section):
     extract: Extract = Extract()
     kmeans: KMeans = KMeans()
     tokenize: Tokenize = Tokenize()
+    pretrain_encoder: PretrainEncoder = PretrainEncoder()  # type: ignore[valid-type]
     train_vq: TrainVQ = TrainVQ()
     train_gpt: TrainGPT = TrainGPT()
     train_renderer: TrainRenderer = TrainRenderer()

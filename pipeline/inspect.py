@@ -364,3 +364,105 @@ def show_tokens(path: Path, reports: Path, n: int = 8, top: int = 8, per_cluster
     out = save_png(image_grid(rows, labels, title=f"{split}: {field}"), reports / f"{_slug(path)}_tokens.png")
     lines.append(f"picture: {out}")
     return "\n".join(lines)
+
+
+# --- checkpoints (encoder, VQ, GPT, renderer, judge) ------------------------------------------------------
+
+
+def _is_checkpoint(p: Path) -> bool:
+    return p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file()
+
+
+def _repo_images(path: Path) -> Path | None:
+    """data/images of the repo a models/<name> directory belongs to."""
+    for cand in (path.parent.parent / "data/images", path.parent / "images", Path.cwd() / "data/images"):
+        if _is_image_dir(cand):
+            return cand
+    return None
+
+
+@register("checkpoint", _is_checkpoint)
+def show_checkpoint(path: Path, reports: Path) -> str:
+    from safetensors import safe_open
+
+    from pipeline.io import read_json
+
+    meta = read_json(path / "config.json")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    kind = meta.get("kind", "?")
+    lines = [f"kind: {kind}; parameters: {n_params:,} ({n_params / 1e6:.2f}M)"]
+    config = meta.get("config") or meta.get("timm_kwargs")
+    if isinstance(config, dict):
+        lines.append("config: " + ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, dict)))
+    for key in ("step", "steps", "last_loss", "source"):
+        if key in meta:
+            lines.append(f"{key}: {meta[key]}")
+    curves = Path("reports/curves")
+    for tsv in sorted(curves.glob(f"*{path.name.removeprefix('gpt_')}*.tsv")) if curves.is_dir() else []:
+        rows = tsv.read_text().splitlines()
+        if len(rows) > 1:
+            header, last = rows[0].split("\t"), rows[-1].split("\t")
+            lines.append(
+                f"last row of {tsv}: " + ", ".join(f"{h}={v}" for h, v in zip(header, last, strict=False))
+            )
+    if kind == "ssl_vit":
+        lines.append(_encoder_picture(path, reports))
+    return "\n".join(lines)
+
+
+def _encoder_picture(path: Path, reports: Path, n: int = 8) -> str:
+    import torch
+
+    from pipeline.encoders import build_encoder
+    from pipeline.shards import iter_samples, list_shards
+
+    images_dir = _repo_images(path)
+    if images_dir is None:
+        return "(no data/images found: no feature picture)"
+    images = [s["png"] for _, s in zip(range(n), iter_samples(list_shards(images_dir, "val")), strict=False)]
+    enc = build_encoder("ssl", weights=path)
+    with torch.inference_mode():
+        feats = enc.patch_features(np.stack(images)).numpy()
+    h, w = enc.grid
+    rgb = pca_rgb(feats).reshape(len(images), h, w, 3)
+    size = images[0].shape[0]
+    grid = image_grid(
+        [images, [_upscale(r, size) for r in rgb]],
+        ["image", "PCA→RGB"],
+        title=f"patch features, block {enc.block_index}",
+    )
+    return f"picture: {save_png(grid, reports / f'{_slug(path)}_pca.png')}"
+
+
+# --- generated samples ------------------------------------------------------------------------------------
+
+
+def _is_samples(p: Path) -> bool:
+    return p.is_dir() and any(p.glob("samples-[0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+@register("samples", _is_samples)
+def show_samples(path: Path, reports: Path, per_class: int = 8) -> str:
+    from pipeline.io import read_json
+    from pipeline.shards import iter_samples
+
+    shards = sorted(path.glob("samples-[0-9][0-9][0-9][0-9][0-9].tar"))
+    by_class: dict[int, list[np.ndarray]] = defaultdict(list)
+    n = 0
+    for s in iter_samples(shards):
+        n += 1
+        if len(by_class[s["cls"]]) < per_class:
+            by_class[s["cls"]].append(s["png"])
+    meta = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    lines = [f"{n} samples in {len(shards)} shard(s), {len(by_class)} classes"]
+    if meta:
+        lines.append(
+            "settings: " + ", ".join(f"{k}={v}" for k, v in meta.items() if not isinstance(v, dict | list))
+        )
+    classes = sorted(by_class)
+    grid = image_grid(
+        [by_class[c] for c in classes], [str(c) for c in classes], title=f"samples: {path.name}"
+    )
+    lines.append(f"picture: {save_png(grid, reports / f'{_slug(path)}_samples.png')}")
+    return "\n".join(lines)

@@ -8,7 +8,17 @@ from .conftest import REPO
 
 def test_shipped_params_validate_and_match_schema_defaults():
     shipped = load_params(REPO / "params.yaml")
-    assert shipped == Params(), "params.yaml and the schema defaults drifted apart"
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params()
+    for section in Params.model_fields:
+        # every key is spelled out in params.yaml (DVC tracks params by key)
+        assert set(raw[section]) == set(type(getattr(defaults, section)).model_fields), section
+        if (
+            section != "pretrain_encoder"
+        ):  # its defaults are SSLConfig's; params.yaml holds the tuned CPU recipe
+            assert getattr(shipped, section) == getattr(defaults, section), (
+                f"{section} drifted from the schema"
+            )
 
 
 def test_out_of_range_value_names_key_value_and_bound():
