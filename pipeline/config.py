@@ -203,6 +203,92 @@ class Sample(Section):
     renderer: Sampler = Sampler(top_p=0.8)
 
 
+class TrainJudge(Section):
+    """The offline FID/IS judge: a small CNN classifier trained on the real train images (see
+    pipeline/models/judge.py). Its input size is base.image_size; its classes are the data's."""
+
+    widths: tuple[int, ...] = Field(
+        (16, 32, 64, 128), min_length=2, description="stem width, then one stride-2 stage per entry"
+    )
+    stem_stride: int = Field(2, ge=1, le=4)
+    blocks_per_stage: int = Field(0, ge=0, description="residual 3x3 blocks after each downsampling conv")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    flip: bool = Field(True, description="random horizontal flips (label-preserving for the built-in data)")
+    max_images: int | None = Field(
+        None, ge=2, description="train on a seeded subset of this many train images (None: all, held in RAM)"
+    )
+    train: Train = _train(
+        steps=1800,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=20,
+        min_lr_ratio=0.0,
+        weight_decay=0.05,
+        betas=(0.9, 0.999),
+        checkpoint_every=600,
+        log_every=50,
+    )
+
+
+class Fidelity(Section):
+    """FID / IS / KID / precision-recall: the feature extractor and the metric options."""
+
+    extractor: Literal["judge", "inception-v3-compat"] = Field(
+        "judge", description="judge: models/judge (offline); inception-v3-compat: the standard numbers"
+    )
+    inception_weights: str | None = Field(
+        None, description="local copy of torch-fidelity's Inception .pth; None: torch hub cache or download"
+    )
+    reference_images: int | None = Field(
+        None, ge=4, description="val images in the reference statistics (None: all; else a seeded subset)"
+    )
+    kid_subset_size: int | None = Field(None, ge=2, description="None: min(1000, N_fake, N_real)")
+    kid_subsets: int = Field(100, ge=1)
+    isc_splits: int = Field(10, ge=1)
+    prc_neighborhood: int = Field(3, ge=1)
+    seed: int = Field(0, ge=0, description="KID subsets, IS split shuffling, the reference subset")
+    batch_size: int = Field(100, ge=1, description="images per extractor forward")
+
+
+class Probe(Section):
+    """Linear probe of each block of both frozen GPTs (features mean-pooled over [BOS, tokens])."""
+
+    train_images: int = Field(1000, ge=10, description="seeded subset of the train token shards")
+    val_images: int = Field(500, ge=1, description="seeded subset of the val token shards")
+    weight_decays: tuple[float, ...] = Field((1e-3, 1e-2, 1e-1), min_length=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_iter: int = Field(100, ge=1, description="L-BFGS iterations per fit")
+    batch_size: int = Field(100, ge=1, description="sequences per GPT forward")
+    seed: int = Field(0, ge=0, description="the image subsets and the held-out split")
+
+
+class Stability(Section):
+    """Paper Table 1: token change rate and latent cosine under Gaussian pixel noise, DiGIT vs VQ."""
+
+    images: int = Field(200, ge=1, description="seeded subset of the val images")
+    snrs_db: tuple[float, ...] = Field((30, 25, 20, 15, 10, 5, 1), min_length=1)
+    batch_size: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0, description="the image subset and the noise patterns")
+
+
+class UpperBound(Section):
+    """FID/IS of (a) true val DiGIT tokens -> renderer -> VQ decoder and (b) plain VQ reconstructions."""
+
+    images: int = Field(
+        100, ge=4, description="seeded subset of val images; FID grows as N shrinks: compare upper_real_fid"
+    )
+    batch_size: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0, description="the subset, and the renderer draws of image i via (seed, i)")
+
+
+class Evaluate(Section):
+    fidelity: Fidelity = Fidelity()
+    probe: Probe = Probe()
+    stability: Stability = Stability()
+    upper_bound: UpperBound = UpperBound()
+
+
 def _section_from_dataclass(name: str, dc: type, exclude: tuple[str, ...] = ()) -> type[Section]:
     """A params section whose keys, types and defaults are those of a library config dataclass, so the
     dataclass stays the one definition; its own __post_init__ checks run as the section's validator."""
@@ -238,6 +324,8 @@ class Params(Section):
     train_gpt: TrainGPT = TrainGPT()
     train_renderer: TrainRenderer = TrainRenderer()
     sample: Sample = Sample()
+    train_judge: TrainJudge = TrainJudge()
+    evaluate: Evaluate = Evaluate()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

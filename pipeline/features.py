@@ -108,7 +108,11 @@ def create_or_resume(
         g = group.create_group(split)
         # float16 features barely compress (zstd: ~92%), so chunks are stored raw: cheaper to write and read.
         g.create_array(
-            "patches", shape=(n, tokens, dim), chunks=(chunk_images, tokens, dim), dtype="float16", compressors=None
+            "patches",
+            shape=(n, tokens, dim),
+            chunks=(chunk_images, tokens, dim),
+            dtype="float16",
+            compressors=None,
         )
         g.create_array("labels", shape=(n,), chunks=(chunk_images,), dtype="int64")
         g.create_array("keys", shape=(n,), chunks=(chunk_images,), dtype=str)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -84,6 +85,10 @@ def plan(params: Params) -> Plan:
     scan = scan_imagefolder(p.root, p.val_fraction)
     for split in SPLITS:
         items = [it for it in scan.items if it.split == split]
+        # A folder lists one class after another; shuffling before sharding (seeded) mixes classes within
+        # every shard, so shard-level streaming gives mixed-class batches.
+        order = np.random.default_rng([b.seed, SPLITS.index(split)]).permutation(len(items))
+        items = [items[i] for i in order]
         for i, start in enumerate(range(0, len(items), p.shard_size)):
             chunk = tuple(items[start : start + p.shard_size])
             jobs.append(ShardJob(split, i, tuple(scan.classes), b.image_size, start=start, files=chunk))

@@ -50,6 +50,12 @@ class SSLConfig:
     local_crop_size: int = 32
     local_crop_scale: tuple[float, float] = (0.1, 0.35)
     blur_sigma: tuple[float, float] = (0.1, 1.0)
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # max hue shift as a fraction of the colour circle (0.5 = any hue)
+    grayscale_p: float = 0.2
     # distillation
     student_temp: float = 0.1
     teacher_temp: float = 0.07
@@ -237,11 +243,21 @@ class DINO(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
         size, local = cfg.img_size, cfg.local_crop_size
-        self.global_views = (
-            ViewAugment(size, cfg.global_crop_scale, blur_p=1.0, blur_sigma=cfg.blur_sigma),
-            ViewAugment(size, cfg.global_crop_scale, blur_p=0.1, solarize_p=0.2, blur_sigma=cfg.blur_sigma),
+        colour = dict(
+            jitter_p=cfg.jitter_p,
+            brightness=cfg.brightness,
+            contrast=cfg.contrast,
+            saturation=cfg.saturation,
+            hue=cfg.hue,
+            grayscale_p=cfg.grayscale_p,
+            blur_sigma=cfg.blur_sigma,
         )
-        self.local_view = ViewAugment(local, cfg.local_crop_scale, blur_p=0.5, blur_sigma=cfg.blur_sigma)
+        # DINO's recipe: view 1 always blurred; view 2 rarely blurred, sometimes solarised; locals half blurred.
+        self.global_views = (
+            ViewAugment(size, cfg.global_crop_scale, blur_p=1.0, **colour),
+            ViewAugment(size, cfg.global_crop_scale, blur_p=0.1, solarize_p=0.2, **colour),
+        )
+        self.local_view = ViewAugment(local, cfg.local_crop_scale, blur_p=0.5, **colour)
         self._pending: dict[str, torch.Tensor] = {}
         self._indicators: dict[str, float] = {}
         self._bad_steps = 0

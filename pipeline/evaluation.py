@@ -1,0 +1,224 @@
+"""The pieces of the evaluate stage that are not stage glue.
+
+* seeded subsets of shards (`read_subset`): every cap (probe, stability, upper bounds, reference) takes a
+  seeded random subset, never the first N — ImageFolder shards are written in class order;
+* linear-probe features of a frozen GPT (`gpt_probe_features`): each block's output mean-pooled over
+  [BOS, t1..tN], fed BOS / the null class (labels=None) so the label never leaks into the features;
+* stability tokenizer adapters for pipeline.metrics.stability: both take float images in [-1, 1]
+  (the shared domain, where the noise is added) and see *identical* noisy pixels;
+* upper-bound images: true DiGIT tokens -> renderer -> VQ decoder, and plain VQ reconstructions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.assign import assign
+from pipeline.encoders import Encoder
+from pipeline.models.gpt import GPT, rowwise
+from pipeline.models.renderer import Renderer
+from pipeline.pixel_vq import to_model_range, to_uint8
+from pipeline.sampling import sample_generators
+from pipeline.shards import count_samples, decode_sample, iter_samples
+
+# --- seeded subsets of shards ------------------------------------------------------------------------
+
+
+def subset_indices(total: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random subset of `n` of `total` items (all of them if n is None or
+    n >= total). A function of (total, n, seed) only."""
+    if total <= 0:
+        raise ValueError("subset_indices: there are no items to choose from")
+    if n is None or n >= total:
+        return np.arange(total)
+    if n < 1:
+        raise ValueError(f"subset_indices: n must be >= 1, got {n}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, total, n]))
+    return np.sort(rng.choice(total, size=n, replace=False))
+
+
+def read_subset(shards: Sequence[str | Path], n: int | None, seed: int) -> list[dict[str, Any]]:
+    """The samples at `subset_indices(total, n, seed)` of the shards' concatenation, in shard order, each
+    with its position in that concatenation as "__index__".
+
+    Only the chosen samples are decoded, so memory grows with n, not with the dataset."""
+    if not shards:
+        raise FileNotFoundError("read_subset: no shards given (is the directory empty?)")
+    total = sum(count_samples(s) for s in shards)
+    keep = subset_indices(total, n, seed)
+    out, j = [], 0
+    for i, raw in enumerate(iter_samples(shards, decode=False)):
+        if j < len(keep) and i == keep[j]:
+            out.append({**decode_sample(raw), "__index__": i})
+            j += 1
+    return out
+
+
+def stack_field(samples: Sequence[dict[str, Any]], field: str, where: str = "samples") -> np.ndarray:
+    """np.stack of one field of every sample (e.g. "png" -> uint8 [N, H, W, 3], "cls" -> [N])."""
+    missing = [s["__key__"] for s in samples if field not in s]
+    if missing:
+        raise KeyError(f"{where}: {len(missing)} sample(s) have no field {field!r}, e.g. {missing[0]}")
+    return np.stack([np.asarray(s[field]) for s in samples])
+
+
+# --- linear-probe features -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gpt_probe_features(
+    gpt: GPT, tokens: torch.Tensor, batch_size: int = 100, progress: bool = True
+) -> list[torch.Tensor]:
+    """Per block l: features float32 [N, D], block l's output mean-pooled over the N+1 positions
+    [BOS, t1..tN] of each sequence. tokens: int64 [N, block_size]. The GPT is run in eval mode with
+    labels=None (BOS / the null class): a class-conditional model given the label would leak it."""
+    was_training = gpt.training
+    gpt.eval()
+    device = gpt.wte.weight.device
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(gpt.config.n_layer)]
+    for start in tqdm(
+        range(0, len(tokens), batch_size), desc="probe features", unit="batch", disable=not progress
+    ):
+        hidden = gpt.forward_features(tokens[start : start + batch_size].to(device), labels=None)
+        for layer, h in enumerate(hidden):
+            per_layer[layer].append(h.float().mean(dim=1).cpu())
+    gpt.train(was_training)
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+# --- stability tokenizer adapters ----------------------------------------------------------------------
+
+
+def encoder_input(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """Float images [B, 3, H, W] in [-1, 1] (noisy ones may lie outside) -> the encoder's normalised input.
+
+    The same mapping as Encoder.preprocess for images in range — x/2 + 1/2 into [0, 1], bicubic resize to
+    the encoder's size, the encoder's mean/std — but without preprocess' range check and clamping: clamping
+    the noisy pixels would shrink the noise the DiGIT encoder sees (heavily at low SNR) while the VQ encoder
+    gets it unclamped, biasing the comparison in DiGIT's favour."""
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"expected float images [B, 3, H, W] in [-1, 1], got {images.dtype} {tuple(images.shape)}"
+        )
+    x = (images.to(encoder.device, torch.float32) + 1.0) / 2.0
+    size = encoder.img_size
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    mean = torch.tensor(encoder.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DigitStabilityTokenizer:
+    """The DiGIT tokenizer (encoder block output through the final norm, nearest centroid) as a
+    pipeline.metrics.stability `Tokenize`: images [-1, 1] -> (tokens [B, T], patch features [B, T, D])."""
+
+    def __init__(self, encoder: Encoder, centroids: np.ndarray | torch.Tensor):
+        centroids = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
+        if centroids.dim() != 2 or centroids.shape[1] != encoder.dim:
+            raise ValueError(
+                f"centroids have shape {tuple(centroids.shape)} but the encoder gives D={encoder.dim}"
+            )
+        self.encoder = encoder
+        self.centroids = centroids.to(encoder.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = encoder_input(self.encoder, images)
+        # the same call as Encoder.patch_features, on our unclamped input
+        (feats,) = self.encoder.model.forward_intermediates(
+            x,
+            indices=[self.encoder.block_index],
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
+        )
+        feats = feats.float()
+        return assign(feats, self.centroids).cpu(), feats.cpu()
+
+
+def vq_stability_tokenizer(vq: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The pixel VQ tokenizer (ours or an imported VQGAN) as a `Tokenize`: images [-1, 1] -> (ids [B, h*w],
+    pre-quantisation latents [B, h*w, D]); the cosine is measured before rounding to the codebook."""
+    device = next(vq.parameters()).device
+
+    @torch.inference_mode()
+    def tokenize(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, latents = vq.tokens_and_latents(images.to(device, torch.float32))
+        return ids.cpu(), latents.cpu()
+
+    return tokenize
+
+
+# --- upper-bound images --------------------------------------------------------------------------------
+
+
+def _decode(vq: nn.Module, ids: torch.Tensor, batch_invariant: bool) -> np.ndarray:
+    if batch_invariant:
+        # conv kernels pick code paths by batch size; one row at a time keeps the pixels batch-free
+        return to_uint8(rowwise(lambda rows: vq.decode(ids[rows]), ids.shape[0]))
+    return to_uint8(vq.decode(ids))
+
+
+@torch.no_grad()
+def render_true_tokens(
+    renderer: Renderer,
+    vq: nn.Module,
+    digit_tokens: torch.Tensor,
+    vq_grid: tuple[int, int],
+    indices: Sequence[int],
+    seed: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_invariant: bool = True,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> np.ndarray:
+    """Upper bound (a): true DiGIT tokens [N, T] -> renderer -> VQ decoder -> uint8 [N, H, W, 3].
+
+    Image j is drawn with the generator of sample_generators(seed, [indices[j]]), so it depends on its own
+    index (its position in the val set), never on the batch or on which other images were chosen."""
+    if len(indices) != len(digit_tokens):
+        raise ValueError(f"{len(digit_tokens)} token rows but {len(indices)} indices")
+    device = renderer.digit_emb.weight.device
+    out = []
+    for start in tqdm(
+        range(0, len(digit_tokens), batch_size), desc="render true tokens", unit="batch", disable=not progress
+    ):
+        rows = digit_tokens[start : start + batch_size].to(device)
+        gens = sample_generators(seed, list(indices[start : start + batch_size]))
+        ids = renderer.generate(
+            rows, gens, temperature=temperature, top_k=top_k, top_p=top_p, batch_invariant=batch_invariant
+        )
+        out.append(_decode(vq, ids.view(-1, *vq_grid), batch_invariant))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def vq_reconstructions(
+    vq: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 50,
+    batch_invariant: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """Upper bound (b): uint8 images [N, H, W, 3] -> VQ encode -> decode -> uint8 [N, H, W, 3]."""
+    device = next(vq.parameters()).device
+    out = []
+    for start in tqdm(
+        range(0, len(images), batch_size), desc="VQ reconstruct", unit="batch", disable=not progress
+    ):
+        x = to_model_range(images[start : start + batch_size]).to(device)
+        ids = rowwise(lambda rows, x=x: vq.encode(x[rows]), len(x)) if batch_invariant else vq.encode(x)
+        out.append(_decode(vq, ids, batch_invariant))
+    return np.concatenate(out)

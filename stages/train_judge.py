@@ -1,0 +1,157 @@
+"""Stage `train_judge`: the offline FID/IS judge — a small CNN classifier trained on the real train images
+(pipeline/models/judge.py) with the shared loop. Inception weights cannot be downloaded here, so FID/IS/KID/PR
+are measured in this network's features by default; its val accuracy says how much those numbers can mean.
+
+Training runs in `<out>.partial/` (resumed after a kill if the settings and the data are the same) and the
+final weights are promoted to `<out>/`, whose config.json also records the val accuracy. Metrics: val and
+train top-1, final loss, throughput.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import Params
+from pipeline.evaluation import read_subset, stack_field
+from pipeline.models.judge import Judge, JudgeConfig, evaluate_accuracy, judge_batches, load_judge
+from pipeline.prepare import MANIFEST, manifest_classes, read_manifest
+from pipeline.runs import train_and_promote
+from pipeline.shards import list_shards
+from pipeline.stage import MapJobs, stage_main
+from pipeline.train import rank_world
+from stages.train_gpt import sha256_file, train_params
+
+log = logging.getLogger("digit.train_judge")
+PATHS = {
+    "images": "data/images",
+    "out": "models/judge",
+    "curves": "reports/curves/train_judge.tsv",
+    "metrics": "metrics/train_judge.json",
+}
+TRAIN_ACC_IMAGES = 1000  # train images re-scored after training (to read over-fitting next to val top-1)
+
+
+def judge_config(params: Params, num_classes: int) -> JudgeConfig:
+    p = params.train_judge
+    return JudgeConfig(
+        num_classes=num_classes,
+        image_size=params.base.image_size,
+        widths=p.widths,
+        stem_stride=p.stem_stride,
+        blocks_per_stage=p.blocks_per_stage,
+        dropout=p.dropout,
+        label_smoothing=p.label_smoothing,
+    )
+
+
+def load_images(
+    images_dir: str | Path, split: str, n: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W, 3] and labels [N] of a seeded subset of a split (all of it if n is None)."""
+    shards = list_shards(images_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"{images_dir}: no {split}-*.tar shards (run the prepare stage first)")
+    samples = read_subset(shards, n, seed)
+    where = f"{images_dir}/{split}"
+    return stack_field(samples, "png", where), stack_field(samples, "cls", where).astype(np.int64)
+
+
+def run(
+    params: Params,
+    images: str = PATHS["images"],
+    out: str = PATHS["out"],
+    curves: str | None = PATHS["curves"],
+    metrics: str | None = None,
+    map_jobs: MapJobs | None = None,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    p = params.train_judge
+    classes = manifest_classes(read_manifest(images))
+    x_train, y_train = load_images(images, "train", p.max_images, p.train.seed)
+    cfg = judge_config(params, len(classes))
+    if x_train.shape[1:3] != (cfg.image_size, cfg.image_size):
+        log.info(
+            "train_judge: images are %s, the judge resizes them to %d", x_train.shape[1:3], cfg.image_size
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.train.seed)  # the initial weights are a function of the seed alone
+        model = Judge(cfg)
+    rank, world = rank_world()
+    batches = judge_batches(
+        x_train,
+        y_train,
+        p.train.batch_size,
+        p.train.seed,
+        cfg.image_size,
+        flip=p.flip,
+        rank=rank,
+        world=world,
+    )
+    log.info(
+        "train_judge: %d train images, %d classes, %.2fM parameters, %d steps of %d",
+        len(x_train),
+        cfg.num_classes,
+        sum(t.numel() for t in model.parameters()) / 1e6,
+        p.train.steps,
+        p.train.batch_size,
+    )
+    # Everything that must match for a partial run to be resumed rather than restarted.
+    run_meta = {
+        "kind": "judge",
+        "config": asdict(cfg),
+        "flip": p.flip,
+        "max_images": p.max_images,
+        "manifest_sha256": sha256_file(Path(images) / MANIFEST),
+        "train_params": train_params(p.train),
+    }
+    fit = train_and_promote(model, batches, p.train, params.base.device, out, run_meta, curves)
+    summary: dict[str, Any] = {
+        "final_loss": fit["final_loss"],
+        "steps": fit["steps"],
+        "resumed_from_step": fit["start_step"],
+        "train_seconds": fit["seconds"],
+        "images_per_s": fit["items_per_s"],
+        "world_size": fit["world_size"],
+    }
+    if rank != 0:
+        return summary  # rank 0 alone evaluates the promoted weights
+
+    judge = load_judge(out)
+    x_val, y_val = load_images(images, "val", None, 0)
+    val_top1 = evaluate_accuracy(judge, torch.from_numpy(x_val).permute(0, 3, 1, 2), torch.from_numpy(y_val))
+    k = min(TRAIN_ACC_IMAGES, len(x_train))
+    train_top1 = evaluate_accuracy(
+        judge, torch.from_numpy(x_train[:k]).permute(0, 3, 1, 2), torch.from_numpy(y_train[:k])
+    )
+    # Keep the accuracy with the weights: the evaluate stage reports it next to the numbers this judge makes.
+    state, saved, _ = load_checkpoint(out)
+    save_checkpoint(out, state, {**saved, "val_top1": val_top1, "val_images": len(x_val)})
+    summary |= {
+        "val_top1": val_top1,
+        "train_top1": train_top1,
+        "train_images": len(x_train),
+        "val_images": len(x_val),
+        "num_classes": cfg.num_classes,
+        "image_size": cfg.image_size,
+        "feature_dim": cfg.feature_dim,
+        "params": sum(t.numel() for t in judge.parameters()),
+        "seconds": time.perf_counter() - t0,
+    }
+    log.info("train_judge: val top-1 %.3f, train top-1 %.3f", val_top1, train_top1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("train_judge", __doc__, run, PATHS, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
