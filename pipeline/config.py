@@ -30,6 +30,7 @@ class Base(Section):
     seed: int = Field(0, ge=0, description="root seed; every stage derives its own seeds from it")
     image_size: int = Field(64, ge=16, le=1024, description="side of the square RGB images in the shards")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    threads: int = Field(0, ge=0, description="torch CPU threads per stage; 0 = torch's default (all cores)")
     num_classes: int = Field(
         10, ge=2, le=12, description="classes of the built-in data (ignored for imagefolder)"
     )
@@ -141,7 +142,7 @@ class TrainVQ(Section):
     ema_decay: float = Field(0.95, gt=0, lt=1)
     restart_unused_steps: int = Field(10, ge=0, description="restart codes unused this many steps (0: never)")
     rec_loss: Literal["mse", "l1"] = "mse"
-    train: Train = _train(steps=500, batch_size=16, lr=2e-3, warmup_steps=20, weight_decay=0.0, log_every=10)
+    train: Train = _train(steps=400, batch_size=16, lr=2e-3, warmup_steps=20, weight_decay=0.0, log_every=10)
 
 
 class ModelSize(Section):
@@ -171,15 +172,15 @@ class GPTModel(ModelSize):
 class TrainGPT(Section):
     """Stage-1 GPT, trained on DiGIT tokens (and, as the baseline, on VQ tokens) with the same settings."""
 
-    model: GPTModel = GPTModel()
-    train: Train = _train(steps=400, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01)
+    model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768)
+    train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 
 class TrainRenderer(Section):
     """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
 
-    model: ModelSize = ModelSize()
-    train: Train = _train(steps=400, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01)
+    model: ModelSize = ModelSize(n_embd=192, n_head=4, ffn_dim=768)
+    train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 
 class Sampler(Section):

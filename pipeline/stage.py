@@ -52,6 +52,10 @@ def stage_main(
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if params.base.threads:
+        import torch
+
+        torch.set_num_threads(params.base.threads)
     kwargs = {k: getattr(args, k) for k in paths}
     kwargs = {k: v.format(**kwargs) if isinstance(v, str) else v for k, v in kwargs.items()}
     t0 = time.perf_counter()

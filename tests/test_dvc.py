@@ -48,12 +48,12 @@ def test_repro_prepare_is_cached_and_param_change_reruns_it(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prepare"]["train_size"] = 30
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run(project, "dvc", "status")
+    status = _run(project, "dvc", "status", "prepare")
     assert "prepare" in status and "prepare.train_size" in status
     # a knob that only changes how the work is done (not what it produces) is not a dependency
     params["prepare"]["workers"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "prepare.workers" not in _run(project, "dvc", "status")
+    assert "prepare.workers" not in _run(project, "dvc", "status", "prepare")
     third = _run(project, "dvc", "repro", "prepare")
     assert "Running stage 'prepare'" in third
-    assert _run(project, "dvc", "status").strip().endswith("Data and pipelines are up to date.")
+    assert _run(project, "dvc", "status", "prepare").strip().endswith("Data and pipelines are up to date.")
