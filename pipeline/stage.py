@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +62,7 @@ def stage_main(
     t0 = time.perf_counter()
     metrics = run(params, **kwargs)
     metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 3)}
-    if "metrics" in kwargs and kwargs["metrics"]:
+    if kwargs.get("metrics") and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone
         write_json(kwargs["metrics"], metrics)
     log.info("%s done in %.1fs: %s", name, metrics["seconds"], metrics)
     return 0
