@@ -31,6 +31,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
+from pipeline.ssl.vit import build_vit
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,9 @@ def _build_ssl(
     kwargs = dict(meta["timm_kwargs"])
     kwargs["img_size"] = img_size or meta["img_size"]
     try:
-        model = VisionTransformer(**kwargs)
-    except TypeError as e:
-        raise EncoderError(f"{cfg_path}: timm_kwargs do not build a VisionTransformer ({e})") from e
+        model = build_vit(kwargs, meta.get("stem", "patch"))
+    except (TypeError, ValueError) as e:
+        raise EncoderError(f"{cfg_path}: timm_kwargs/stem do not build a VisionTransformer ({e})") from e
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         # Served at another resolution than it was trained at: resample positions like timm does.
         n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -30,6 +31,20 @@ SHAPES = (
 )
 SPLIT_IDS = {"train": 0, "val": 1}
 _SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Style:
+    """How much nuisance variation the images carry (the class is always the shape)."""
+
+    scale: tuple[float, float] = (0.28, 0.42)  # shape radius as a fraction of the image side
+    bg_saturation: tuple[float, float] = (0.05, 0.35)
+    bg_value: tuple[float, float] = (0.3, 0.7)
+    textures: int = 5  # texture families used: flat, gradient, stripes, checkerboard, noise
+    distractor_p: float = 0.2
+
+
+STYLE = Style()
 
 
 def _polygon(name: str) -> np.ndarray:
@@ -85,12 +100,12 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
 
-def _background(rng: np.random.Generator, size: int, hue: float) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, hue: float, style: Style) -> np.ndarray:
     """A float32 [size, size, 3] texture in one of five families, coloured away from the shape's hue."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c1 = _hsv(hue + rng.uniform(0.25, 0.75), rng.uniform(0.1, 0.6), rng.uniform(0.25, 0.9))
-    c2 = _hsv(hue + rng.uniform(0.25, 0.75), rng.uniform(0.1, 0.6), rng.uniform(0.25, 0.9))
-    kind = rng.integers(5)
+    c1 = _hsv(hue + rng.uniform(0.25, 0.75), rng.uniform(*style.bg_saturation), rng.uniform(*style.bg_value))
+    c2 = _hsv(hue + rng.uniform(0.25, 0.75), rng.uniform(*style.bg_saturation), rng.uniform(*style.bg_value))
+    kind = rng.integers(style.textures)
     angle = rng.uniform(0, np.pi)
     u = xx * math.cos(angle) + yy * math.sin(angle)
     if kind == 0:  # flat
@@ -110,16 +125,16 @@ def _background(rng: np.random.Generator, size: int, hue: float) -> np.ndarray:
     return img + rng.normal(0, 4.0, img.shape).astype(np.float32)
 
 
-def render_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+def render_image(rng: np.random.Generator, label: int, size: int, style: Style = STYLE) -> np.ndarray:
     """Draw one image of class `label` as uint8 [size, size, 3]."""
     shape = SHAPES[label]
     hue = rng.uniform()
-    img = _background(rng, size, hue)
+    img = _background(rng, size, hue, style)
 
     big = size * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    scale = rng.uniform(0.2, 0.36) * big
+    scale = rng.uniform(*style.scale) * big
     cx, cy = rng.uniform(scale + 2, big - scale - 2, size=2)
     rot = rng.uniform(0, 2 * np.pi)
     if shape in ("circle", "ring", "crescent"):
@@ -146,7 +161,7 @@ def render_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
     fg = colour[None, None] * shade[..., None]
 
     # A small soft distractor blob somewhere, so "the only object" is not a free cue for position.
-    if rng.uniform() < 0.5:
+    if rng.uniform() < style.distractor_p:
         bx, by = rng.uniform(0, size, size=2)
         br = rng.uniform(0.04, 0.09) * size
         blob = np.exp(-(((xx * size - bx) ** 2 + (yy * size - by) ** 2) / (2 * br**2)))[..., None]
@@ -161,7 +176,13 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate_images(
-    n: int, image_size: int, seed: int, num_classes: int = 10, split: str = "train", start: int = 0
+    n: int,
+    image_size: int,
+    seed: int,
+    num_classes: int = 10,
+    split: str = "train",
+    start: int = 0,
+    style: Style = STYLE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images start..start+n-1 of a split: (uint8 [n, H, W, 3], int64 [n]); classes balanced round-robin."""
     if not 2 <= num_classes <= len(SHAPES):
@@ -171,7 +192,7 @@ def generate_images(
     labels = np.arange(start, start + n, dtype=np.int64) % num_classes
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     for j, i in enumerate(range(start, start + n)):
-        images[j] = render_image(sample_rng(seed, split, i), int(labels[j]), image_size)
+        images[j] = render_image(sample_rng(seed, split, i), int(labels[j]), image_size, style)
     return images, labels
 
 

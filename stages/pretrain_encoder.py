@@ -90,7 +90,7 @@ def run(
     val = load_split(images, "val", PROBE_VAL)
     ssl_vit, _ = load_encoder(out)
     torch.manual_seed(cfg.seed)
-    random_vit = build_vit(cfg.timm_kwargs())
+    random_vit = build_vit(cfg.timm_kwargs(), cfg.stem)  # the init DINO starts from (same seed)
     knn_ssl = knn_check(ssl_vit, cfg, train, val, layer)
     knn_random = knn_check(random_vit, cfg, train, val, layer)
     log.info(

@@ -242,7 +242,7 @@ def test_export_and_load_encoder(tmp_path):
     state, meta, _ = load_checkpoint(tmp_path / "enc")
     assert meta["kind"] == "ssl_vit" and meta["steps"] == 7
     assert (meta["img_size"], meta["patch_size"], meta["mean"]) == (32, 8, list(cfg.mean))
-    rebuilt = VisionTransformer(**meta["timm_kwargs"])  # what the encoder registry does
+    rebuilt = VisionTransformer(**meta["timm_kwargs"])  # a "patch" stem needs nothing of ours
     rebuilt.load_state_dict(state, strict=True)
     vit, meta2 = load_encoder(tmp_path / "enc")
     assert meta2 == meta and not vit.training
@@ -255,6 +255,61 @@ def test_export_and_load_encoder(tmp_path):
 
     enc = build_encoder("ssl", weights=tmp_path / "enc", layer=-1)
     assert enc.mean == cfg.mean and enc.num_tokens == 16 and enc.dim == 48
+
+
+def test_conv_stem_round_trip_through_the_encoder_registry(tmp_path):
+    from pipeline.encoders import build_encoder
+
+    cfg = tiny_cfg(stem="conv")
+    model = DINO(cfg)
+    proj = model.student_backbone.patch_embed.proj
+    strides = [m.stride[0] for m in proj if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 1]  # log2(patch 8) stride-2 convs, then the 1x1 projection
+    # global and local crop sizes both go through it (dynamic image size)
+    _, logs = model.training_loss({"image": torch.from_numpy(images(4)).permute(0, 3, 1, 2)})
+    assert math.isfinite(logs["dino_loss"])
+    export_encoder(model, tmp_path / "enc")
+    vit, meta = load_encoder(tmp_path / "enc")
+    assert meta["stem"] == "conv"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit.forward_features(x), model.teacher_backbone.eval().forward_features(x))
+    enc = build_encoder("ssl", weights=tmp_path / "enc", layer=-1)
+    assert enc.num_tokens == 16 and enc.dim == 48
+    with pytest.raises(ValueError, match="stem"):
+        tiny_cfg(stem="resnet")
+    with pytest.raises(ValueError, match="power of two"):
+        DINO(tiny_cfg(stem="conv", img_size=36, patch_size=6, local_crop_size=18))
+
+
+def test_koleo_loss():
+    from pipeline.ssl.dino import koleo_loss
+
+    # four orthogonal unit vectors: every nearest neighbour is at distance sqrt(2)
+    assert koleo_loss(torch.eye(4)).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-5)
+    # scale does not matter (rows are normalised); bunching the rows up raises the loss
+    assert koleo_loss(3 * torch.eye(4)).item() == pytest.approx(koleo_loss(torch.eye(4)).item(), abs=1e-5)
+    bunched = torch.eye(4) + 5.0
+    assert koleo_loss(bunched) > koleo_loss(torch.eye(4))
+    x = torch.randn(8, 5, requires_grad=True)
+    koleo_loss(x).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_koleo_and_head_bn_train(tmp_path):
+    cfg = tiny_cfg(koleo_weight=0.1, head_bn=True)
+    model = DINO(cfg)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.teacher_head.modules())
+    summary = fit(
+        model,
+        image_batches(images(), cfg.batch_size, 0),
+        train_config(cfg, "cpu"),
+        tmp_path / "r",
+        {},
+        log_path=tmp_path / "log.tsv",
+        progress=False,
+    )
+    rows = read_tsv(tmp_path / "log.tsv")
+    assert summary["steps_run"] == cfg.steps and all(math.isfinite(float(r["koleo_loss"])) for r in rows)
 
 
 def test_mean_patch_features_matches_timm_intermediates():

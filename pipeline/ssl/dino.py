@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.sampling import derive_seed
 from pipeline.ssl.augment import ViewAugment, multi_crop
-from pipeline.ssl.vit import build_vit, vit_kwargs
+from pipeline.ssl.vit import STEMS, build_vit, vit_kwargs
 from pipeline.train import TrainingStopped, rank_world
 
 CENTERINGS = ("ema", "sinkhorn")
@@ -33,6 +33,7 @@ CENTERINGS = ("ema", "sinkhorn")
 class SSLConfig:
     # backbone (timm VisionTransformer)
     img_size: int = 64
+    stem: str = "patch"  # "patch": timm's linear patch embedding | "conv": stride-2 conv stack (vit.py)
     patch_size: int = 8
     embed_dim: int = 192
     depth: int = 6
@@ -44,6 +45,7 @@ class SSLConfig:
     out_dim: int = 1024
     head_hidden_dim: int = 512
     head_bottleneck_dim: int = 128
+    head_bn: bool = False  # BatchNorm in the head MLPs (DINO's use_bn_in_head)
     # multi-crop
     global_crop_scale: tuple[float, float] = (0.35, 1.0)
     local_crops: int = 4
@@ -65,6 +67,8 @@ class SSLConfig:
     center_momentum: float = 0.9
     sinkhorn_iters: int = 3
     momentum_start: float = 0.99  # teacher EMA momentum, cosine-increased to 1.0 at the last step
+    # KoLeo regulariser (DINOv2) on the student's global-crop CLS features: spreads them apart (0 = off)
+    koleo_weight: float = 0.0
     # iBOT masked-patch loss (0 = off)
     ibot_weight: float = 0.0
     mask_prob: float = 0.5  # share of global crops that get masked
@@ -102,6 +106,8 @@ class SSLConfig:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"SSLConfig.{name}: expected 0 < lo <= hi <= 1, got {(lo, hi)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"SSLConfig.stem: expected one of {STEMS}, got {self.stem!r}")
         if self.centering not in CENTERINGS:
             raise ValueError(f"SSLConfig.centering: expected one of {CENTERINGS}, got {self.centering!r}")
         if not 0 <= self.momentum_start <= 1 or not 0 <= self.center_momentum <= 1:
@@ -157,12 +163,20 @@ class DINOHead(nn.Module):
     Normalising the prototype matrix is DINO's weight-normed last layer with its gain frozen at 1.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, bn: bool = False
+    ) -> None:
         super().__init__()
+
+        def norm() -> nn.Module:
+            return nn.BatchNorm1d(hidden_dim) if bn else nn.Identity()
+
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -176,6 +190,17 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes, dim=-1))
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimator (DINOv2): -mean log distance of each L2-normalised row to its
+    nearest other row. Minimising it pushes features apart — a direct remedy for feature collapse."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)
+        nearest = dots.argmax(dim=1)
+    return -torch.log(F.pairwise_distance(x, x[nearest], eps=eps) + eps).mean()
 
 
 @torch.no_grad()
@@ -221,19 +246,23 @@ class DINO(nn.Module):
         # timm initialises from the global RNG: seed it for construction only.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.student_backbone = build_vit(self.timm_kwargs, cfg.drop_path_rate)
-            self.student_head = DINOHead(d, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+            self.student_backbone = build_vit(self.timm_kwargs, cfg.stem, cfg.drop_path_rate)
+            self.student_head = DINOHead(
+                d, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn
+            )
             if self.ibot:
                 self.student_patch_head = DINOHead(
-                    d, cfg.patch_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim
+                    d, cfg.patch_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn
                 )
                 self.mask_token = nn.Parameter(torch.zeros(d))
                 nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.teacher_backbone = build_vit(self.timm_kwargs)
-        self.teacher_head = DINOHead(d, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+        self.teacher_backbone = build_vit(self.timm_kwargs, cfg.stem)
+        self.teacher_head = DINOHead(
+            d, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn
+        )
         if self.ibot:
             self.teacher_patch_head = DINOHead(
-                d, cfg.patch_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim
+                d, cfg.patch_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_bn
             )
         for s, t in self._pairs():
             t.load_state_dict(s.state_dict())
@@ -347,6 +376,10 @@ class DINO(nn.Module):
         dino_loss = torch.stack(terms).mean()
         loss = dino_loss
         logs: dict[str, float] = {"dino_loss": float(dino_loss.detach())}
+        if cfg.koleo_weight > 0:
+            koleo = torch.stack([koleo_loss(c) for c in s_tokens[:, 0].chunk(2)]).mean()
+            loss = loss + cfg.koleo_weight * koleo
+            logs["koleo_loss"] = float(koleo.detach())
 
         if self.ibot:
             with torch.no_grad():
