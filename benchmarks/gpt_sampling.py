@@ -16,8 +16,9 @@ import os
 import time
 
 import torch
+from gpt_common import add_model_args, model_config
 
-from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.gpt import GPT
 from pipeline.sampling import sample_generators
 
 
@@ -29,26 +30,10 @@ def timed_generate(model: GPT, batch: int, **kwargs) -> tuple[torch.Tensor, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8)
+    add_model_args(parser, dim=256)
     parser.add_argument("--top-k", type=int, default=200)
-    # One thread by default: on a shared 2-core machine, 2 torch threads competing with other processes
-    # ran this benchmark ~10x slower than 1 thread (spinning workers wait on descheduled peers).
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    cfg = GPTConfig(
-        vocab_size=args.vocab,
-        block_size=args.tokens,
-        n_layer=args.layers,
-        n_head=max(1, args.dim // 64),
-        n_embd=args.dim,
-        ffn_dim=4 * args.dim,
-    )
+    cfg = model_config(args)
     model = GPT(cfg, seed=0).eval()
     n = args.batch * args.tokens
     print(

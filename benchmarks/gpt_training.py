@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from gpt_common import add_model_args, model_config
 
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train import TrainConfig, fit
@@ -60,25 +61,10 @@ def train_step_seconds(cfg: GPTConfig, batch: int, steps: int, amp: str) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8)
+    add_model_args(parser, dim=512)
     parser.add_argument("--steps", type=int, default=6)
-    # One thread by default: this machine's 2 cores are shared, and competing torch threads spin-wait.
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    cfg = GPTConfig(
-        vocab_size=args.vocab,
-        block_size=args.tokens,
-        n_layer=args.layers,
-        n_head=max(1, args.dim // 64),
-        n_embd=args.dim,
-        ffn_dim=4 * args.dim,
-    )
+    cfg = model_config(args)
     model = GPT(cfg)
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "trunk" in n)
     matmul_params += model.head.weight.numel()

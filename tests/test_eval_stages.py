@@ -41,33 +41,16 @@ from stages import (
     train_vq,
 )
 
-from .conftest import tiny_params
-from .test_generation_stages import encoder_dir, one_thread  # noqa: F401 - shared fixtures
+from .conftest import chain_params
 
 TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "ffn_dim": 64}
-TINY_TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 1}
 N_SAMPLES, PER_SHARD, N_VAL, N_TRAIN, CLASSES = 20, 8, 12, 24, 10
 SNRS = (30, 10, 1)
 
 
 def _params(encoder, **kw) -> Params:
-    tiny = dict(
-        encoder__weights=str(encoder),
-        kmeans__k=8,
-        kmeans__sample_patches=320,
-        train_vq__channels=8,
-        train_vq__codebook_size=16,
-        train_vq__codebook_dim=4,
-        train_vq__train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
-        train_gpt__model=TINY_MODEL,
-        train_gpt__train=TINY_TRAIN,
-        train_renderer__model=TINY_MODEL,
-        train_renderer__train=TINY_TRAIN,
-        sample__n=N_SAMPLES,
-        sample__batch_size=4,
-    )
     return with_overrides(
-        tiny_params(**{**tiny, **kw}),
+        chain_params(encoder, TINY_MODEL, N_SAMPLES, **kw),
         {
             "train_judge.widths": (8, 16),
             "train_judge.train": {"steps": 8, "batch_size": 8, "warmup_steps": 1, "log_every": 2},
@@ -83,7 +66,7 @@ def _params(encoder, **kw) -> Params:
 
 
 @pytest.fixture(scope="module")
-def chain(one_thread, encoder_dir, tmp_path_factory):  # noqa: F811 - the imported fixtures
+def chain(one_thread, encoder_dir, tmp_path_factory):
     """Upstream artifacts (as tests/test_generation_stages.py builds them) + train_judge, reference, evaluate."""
     root = tmp_path_factory.mktemp("eval")
     params = _params(encoder_dir)

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer
 
 import pipeline.train
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import dump_params, with_overrides
 from pipeline.io import read_json
 from pipeline.models.gpt import load_gpt
@@ -22,50 +20,14 @@ from pipeline.pixel_vq import load_pixel_vq, to_uint8
 from pipeline.shards import iter_samples, list_shards
 from stages import extract, kmeans, prepare, sample, tokenize, train_gpt, train_renderer, train_vq
 
-from .conftest import tiny_params
+from .conftest import chain_params
 
-TIMM_KWARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0)
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "ffn_dim": 64}
-TINY_TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 1}
 N_SAMPLES, PER_SHARD, CLASSES = 20, 8, 10
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # the machine's cores are shared; one thread is also faster for models this small
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vit = VisionTransformer(**TIMM_KWARGS)
-    d = tmp_path_factory.mktemp("enc") / "encoder"
-    meta = {"kind": "ssl_vit", "timm_kwargs": TIMM_KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_checkpoint(d, vit.state_dict(), {**meta, "img_size": 32, "patch_size": 8})
-    return d
-
-
 def _params(encoder_dir, **kw):
-    tiny = dict(
-        encoder__weights=str(encoder_dir),
-        kmeans__k=8,
-        kmeans__sample_patches=320,
-        train_vq__channels=8,
-        train_vq__codebook_size=16,
-        train_vq__codebook_dim=4,
-        train_vq__train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
-        train_gpt__model=TINY_MODEL,
-        train_gpt__train=TINY_TRAIN,
-        train_renderer__model=TINY_MODEL,
-        train_renderer__train=TINY_TRAIN,
-        sample__n=N_SAMPLES,
-        sample__batch_size=4,
-    )
-    return tiny_params(**{**tiny, **kw})
+    return chain_params(encoder_dir, TINY_MODEL, N_SAMPLES, **kw)
 
 
 def _sample(params, root, variant, out, **paths):
