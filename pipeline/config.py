@@ -176,10 +176,16 @@ class TrainGPT(Section):
     train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 
+class RendererModel(ModelSize):
+    aligned: bool = Field(
+        True, description="also give each VQ input the DiGIT token at its image location (models/renderer.py)"
+    )
+
+
 class TrainRenderer(Section):
     """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
 
-    model: ModelSize = ModelSize(n_embd=192, n_head=4, ffn_dim=768)
+    model: RendererModel = RendererModel(n_embd=192, n_head=4, ffn_dim=768)
     train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 

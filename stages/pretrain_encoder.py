@@ -1,6 +1,8 @@
 """Stage `pretrain_encoder`: self-supervised (DINO / optional iBOT) pretraining of a small ViT on the train
-images — the offline default encoder of the tokenizer (encoder.source: ssl). Reports k-NN val accuracy of
-mean-pooled patch features for the pretrained encoder and for the same ViT at random init, side by side."""
+images — the offline default encoder of the tokenizer (encoder.source: ssl). Reports, for the pretrained
+encoder and for the same ViT at random init side by side: k-NN val accuracy of mean-pooled patch features, and
+the DiGIT token change rate at 10 dB SNR (a K-Means codebook of kmeans.k fitted on each encoder's own
+features; the stability protocol of the evaluate stage)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.assign import assign
 from pipeline.config import Params
-from pipeline.metrics.knn import knn_accuracy, mean_patch_features
+from pipeline.kmeans import fit_kmeans, sample_rows
+from pipeline.metrics.knn import knn_accuracy, mean_patch_features, patch_features, to_float_images
+from pipeline.metrics.stability import stability_table
 from pipeline.shards import iter_samples, list_shards
 from pipeline.ssl.dino import SSLConfig
 from pipeline.ssl.pretrain import pretrain_encoder
@@ -28,6 +33,7 @@ PATHS = {
     "metrics": "metrics/pretrain_encoder.json",
 }
 PROBE_TRAIN, PROBE_VAL = 2000, 500  # images for the k-NN check (enough to separate, cheap on CPU)
+STABILITY_SNR_DB, STABILITY_VAL = 10.0, 200
 
 
 def load_split(images_dir: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +56,39 @@ def knn_check(vit: torch.nn.Module, cfg: SSLConfig, train, val, layer: int) -> f
         ftr = mean_patch_features(vit, to_nchw(train[0]), cfg.mean, cfg.std, layer)
         fva = mean_patch_features(vit, to_nchw(val[0]), cfg.mean, cfg.std, layer)
     return knn_accuracy(ftr, train[1], fva, val[1])
+
+
+def change_rate_check(
+    vit: torch.nn.Module, cfg: SSLConfig, train: np.ndarray, val: np.ndarray, layer: int, params: Params
+) -> float:
+    """Token change rate at STABILITY_SNR_DB of a DiGIT tokenizer built on `vit`: K-Means (kmeans.k, seeds
+    from params) on the patch features of `train`, noise added to `val` in [-1, 1] as in the evaluate stage."""
+    vit.eval()
+    to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.inference_mode():
+        feats = torch.cat(
+            [
+                patch_features(vit, to_float_images(to_nchw(train[i : i + 256]), cfg.mean, cfg.std), layer)
+                for i in range(0, len(train), 256)
+            ]
+        ).flatten(0, 1)
+    k = params.kmeans
+    rows = sample_rows(len(feats), min(len(feats), k.sample_patches), k.seed)
+    centroids = torch.from_numpy(
+        fit_kmeans(feats[rows].numpy(), k.k, k.niter, k.seed, k.max_points_per_centroid, gpu=False).centroids
+    )
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def tokenize(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = patch_features(vit, ((images + 1) / 2 - mean) / std, layer).float()
+        return assign(f, centroids), f
+
+    images = to_nchw(val[:STABILITY_VAL]).float() / 127.5 - 1
+    (row,) = stability_table(
+        tokenize, images, [STABILITY_SNR_DB], seed=params.evaluate.stability.seed, progress=False
+    )
+    return row["change_rate"]
 
 
 def run(
@@ -93,11 +132,17 @@ def run(
     random_vit = build_vit(cfg.timm_kwargs(), cfg.stem)  # the init DINO starts from (same seed)
     knn_ssl = knn_check(ssl_vit, cfg, train, val, layer)
     knn_random = knn_check(random_vit, cfg, train, val, layer)
+    change_ssl = change_rate_check(ssl_vit, cfg, train[0], val[0], layer, params)
+    change_random = change_rate_check(random_vit, cfg, train[0], val[0], layer, params)
     log.info(
-        "k-NN val top-1 of mean-pooled layer-%d patch features: SSL %.3f vs random init %.3f",
+        "layer %d, SSL vs random init: k-NN val top-1 of mean-pooled patch features %.3f vs %.3f; "
+        "DiGIT token change rate at %g dB SNR %.3f vs %.3f",
         layer,
         knn_ssl,
         knn_random,
+        STABILITY_SNR_DB,
+        change_ssl,
+        change_random,
     )
     return {
         "steps": summary["steps"],
@@ -108,6 +153,8 @@ def run(
         "knn_top1_random": knn_random,
         "knn_gain_points": 100 * (knn_ssl - knn_random),
         "knn_layer": layer,
+        "change_rate_10db_ssl": change_ssl,
+        "change_rate_10db_random": change_random,
     }
 
 

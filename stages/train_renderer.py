@@ -40,8 +40,10 @@ def build_renderer(params: Params, meta: dict[str, Any]) -> Renderer:
     m = params.train_renderer.model
     _, k, (h, w) = token_spec(meta, "digit")
     _, v, (hv, wv) = token_spec(meta, "vq")
+    grids = {"aligned": m.aligned, "digit_grid": (h, w), "vq_grid": (hv, wv)}
     return Renderer(
-        renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides()), seed=params.train_renderer.train.seed
+        renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides(), **grids),
+        seed=params.train_renderer.train.seed,
     )
 
 

@@ -41,9 +41,11 @@ def pretrained(tmp_path_factory):
 
 def test_stage_writes_a_loadable_encoder_and_metrics(pretrained):
     root, params, metrics = pretrained
-    for key in ("steps", "final_loss", "images_per_s", "knn_top1_ssl", "knn_top1_random", "knn_gain_points"):
+    keys = ("steps", "final_loss", "images_per_s", "knn_top1_ssl", "knn_top1_random", "knn_gain_points")
+    for key in keys + ("change_rate_10db_ssl", "change_rate_10db_random"):
         assert key in metrics
     assert metrics["steps"] == 4 and 0.0 <= metrics["knn_top1_ssl"] <= 1.0
+    assert 0.0 <= metrics["change_rate_10db_ssl"] <= 1.0 and 0.0 <= metrics["change_rate_10db_random"] <= 1.0
     assert not (root / "encoder.partial").exists()
     enc = build_encoder("ssl", weights=root / "encoder", layer=-3)
     assert enc.grid == (4, 4) and enc.dim == 32

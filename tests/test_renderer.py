@@ -124,3 +124,50 @@ def test_checkpoint_roundtrip(tmp_path):
     save_checkpoint(tmp_path / "g", model.state_dict(), {"kind": "gpt", "config": {}})
     with pytest.raises(CheckpointError, match="kind is 'gpt', expected 'renderer'"):
         load_renderer(tmp_path / "g")
+
+
+def test_aligned_index_maps_vq_cells_to_the_digit_cell_under_them():
+    from pipeline.models.renderer import aligned_index
+
+    assert aligned_index((2, 3), (2, 3)).tolist() == list(range(6))  # same grid: identity
+    # a 4x4 VQ grid over a 2x2 DiGIT grid: each DiGIT cell covers a 2x2 block of VQ cells
+    assert aligned_index((2, 2), (4, 4)).view(4, 4).tolist() == [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [2, 2, 3, 3],
+        [2, 2, 3, 3],
+    ]
+    with pytest.raises(ValueError, match="aligned needs digit_grid"):
+        small_config(aligned=True)
+    with pytest.raises(ValueError, match="not a 2-D grid of 8 tokens"):
+        small_config(aligned=True, digit_grid=(2, 3), vq_grid=(3, 3))
+
+
+def test_aligned_renderer_conditions_each_vq_token_on_its_digit_cell(tmp_path):
+    cfg = small_config(aligned=True, digit_grid=(2, 3), vq_grid=(2, 4))
+    model = Renderer(cfg, seed=2).eval()
+    batch = batch_of(3)
+    logits = model.logits(batch["digit"], batch["vq"])
+    # VQ token 4 (row 1, col 0) lies in DiGIT cell (1, 0) = index 3 and gets it directly: changing it through
+    # the shortcut alone (the prefix's copy held fixed) moves prediction 4 and later ones, not earlier ones
+    changed = batch["digit"].clone()
+    changed[:, 3] = (changed[:, 3] + 1) % K
+    aligned = model._aligned(changed)
+    x = torch.cat(
+        [model._prefix(batch["digit"], aligned), model._embed_vq(batch["vq"][:, :-1], 0, aligned)], 1
+    )
+    only_aligned = model.head(model.trunk(x)[:, cfg.digit_len :])
+    moved = (only_aligned - logits).abs().amax(dim=(0, 2))
+    assert moved[4] > 0 and moved[:4].max() == 0
+    # still autoregressive: changing v1 leaves the first prediction alone; cache equals recompute
+    vq = batch["vq"].clone()
+    vq[:, 0] = (vq[:, 0] + 1) % V
+    assert torch.equal(model.logits(batch["digit"], vq)[:, 0], logits[:, 0])
+    for batch_invariant in (True, False):
+        kw = {"top_p": 0.9, "batch_invariant": batch_invariant}
+        fast = model.generate(batch["digit"], sample_generators(1, range(3)), use_cache=True, **kw)
+        slow = model.generate(batch["digit"], sample_generators(1, range(3)), use_cache=False, **kw)
+        assert torch.equal(fast, slow)
+    save_checkpoint(tmp_path / "r", model.state_dict(), model.checkpoint_meta())
+    loaded = load_renderer(tmp_path / "r")
+    assert loaded.config == cfg and torch.equal(loaded.logits(batch["digit"], batch["vq"]), logits)

@@ -5,6 +5,11 @@ sampling loop). Sequence: [s1 .. sN (DiGIT tokens), SEP, v1 .. vM (VQ tokens)]; 
 own token tables and their own position tables (SEP is VQ-segment position 0), and the loss is on the VQ
 segment only: the outputs at SEP, v1 .. v(M-1) predict v1 .. vM, the DiGIT segment has no target. Trained on
 the true DiGIT tokens of each image (teacher forcing); at sampling time it is fed the stage-1 GPT's tokens.
+
+`aligned` (optional, on in the default params): both token sequences are raster scans of grids over the same
+image, so the input that predicts VQ token j also gets an embedding of the DiGIT token at j's image location.
+The prefix still carries every DiGIT token; the shortcut only spares a small model from having to learn the
+grid correspondence through attention, which it otherwise spends most of a CPU-sized budget on.
 """
 
 from __future__ import annotations
@@ -36,10 +41,22 @@ class RendererConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.0
     bias: bool = True
+    aligned: bool = False  # add the DiGIT token at the same image location to each VQ input
+    digit_grid: tuple[int, int] | None = None  # (rows, cols) of the DiGIT tokens; needed when aligned
+    vq_grid: tuple[int, int] | None = None  # (rows, cols) of the VQ tokens; needed when aligned
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"RendererConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name, length in (("digit_grid", self.digit_len), ("vq_grid", self.vq_len)):
+            grid = getattr(self, name)
+            if grid is not None:
+                grid = tuple(int(v) for v in grid)
+                setattr(self, name, grid)
+                if len(grid) != 2 or grid[0] * grid[1] != length:
+                    raise ValueError(f"RendererConfig.{name}: {grid} is not a 2-D grid of {length} tokens")
+            elif self.aligned:
+                raise ValueError(f"RendererConfig: aligned needs {name} (the token grid's rows, cols)")
         for name in ("digit_vocab_size", "vq_vocab_size", "digit_len", "vq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RendererConfig.{name}: expected >= 1, got {getattr(self, name)}")
@@ -61,6 +78,15 @@ def renderer_config(
     return RendererConfig(**{**fields, **overrides})
 
 
+def aligned_index(digit_grid: tuple[int, int], vq_grid: tuple[int, int]) -> torch.Tensor:
+    """[M] long: for each VQ token (raster order), the raster index of the DiGIT token whose grid cell holds
+    the VQ cell's centre."""
+    (dh, dw), (vh, vw) = digit_grid, vq_grid
+    rows = ((torch.arange(vh) + 0.5) * dh / vh).long().clamp(max=dh - 1)
+    cols = ((torch.arange(vw) + 0.5) * dw / vw).long().clamp(max=dw - 1)
+    return (rows[:, None] * dw + cols[None, :]).flatten()
+
+
 class Renderer(nn.Module):
     def __init__(self, config: RendererConfig, seed: int = 0) -> None:
         super().__init__()
@@ -73,6 +99,9 @@ class Renderer(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.trunk = Transformer(c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias)
         self.head = nn.Linear(c.n_embd, c.vq_vocab_size, bias=False)
+        if c.aligned:
+            self.aligned_emb = nn.Embedding(c.digit_vocab_size, c.n_embd)
+            self.register_buffer("align_index", aligned_index(c.digit_grid, c.vq_grid), persistent=False)
         init_weights(self, c.n_layer, torch.Generator().manual_seed(seed))
 
     @property
@@ -92,21 +121,31 @@ class Renderer(nn.Module):
         if lo < 0 or hi >= vocab:
             raise ValueError(f"{name}: ids must be in [0, {vocab}), found range [{lo}, {hi}]")
 
-    def _prefix(self, digit: torch.Tensor) -> torch.Tensor:
+    def _aligned(self, digit: torch.Tensor) -> torch.Tensor | None:
+        """[B, M, D]: row j is the aligned embedding added to the input that predicts VQ token j (0-based)."""
+        return self.aligned_emb(digit[:, self.align_index]) if self.config.aligned else None
+
+    def _prefix(self, digit: torch.Tensor, aligned: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of [s1 .. sN, SEP]: [B, N + 1, D]."""
         device = digit.device
         x = self.digit_emb(digit) + self.digit_pos(torch.arange(digit.shape[1], device=device))
         sep = self.vq_emb(torch.full((digit.shape[0], 1), self.sep, device=device)) + self.vq_pos.weight[:1]
+        if aligned is not None:
+            sep = sep + aligned[:, :1]
         return self.drop(torch.cat([x, sep], dim=1))
 
-    def _embed_vq(self, ids: torch.Tensor, i: int) -> torch.Tensor:
+    def _embed_vq(self, ids: torch.Tensor, i: int, aligned: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of VQ tokens i .. i+t-1 (0-based), which sit at VQ-segment positions i+1 .. i+t."""
         positions = torch.arange(i + 1, i + 1 + ids.shape[1], device=ids.device)
-        return self.drop(self.vq_emb(ids) + self.vq_pos(positions))
+        x = self.vq_emb(ids) + self.vq_pos(positions)
+        if aligned is not None:
+            x = x + aligned[:, i + 1 : i + 1 + ids.shape[1]].repeat(ids.shape[0] // aligned.shape[0], 1, 1)
+        return self.drop(x)
 
     def logits(self, digit: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, M, V]: row j predicts v(j+1) from s1..sN, SEP, v1..vj."""
-        x = torch.cat([self._prefix(digit), self._embed_vq(vq[:, :-1], 0)], dim=1)
+        aligned = self._aligned(digit)
+        x = torch.cat([self._prefix(digit, aligned), self._embed_vq(vq[:, :-1], 0, aligned)], dim=1)
         h = self.trunk(x)
         return self.head(h[:, self.config.digit_len :])
 
@@ -167,8 +206,15 @@ class Renderer(nn.Module):
             logits = process_logits(logits.float(), temperature, top_k, top_p)
             return sample_rows(logits, generators, greedy=temperature == 0)
 
+        aligned = self._aligned(digit_tokens)
         out = autoregress(
-            self.trunk, self._prefix(digit_tokens), self._embed_vq, self.head, pick, c.vq_len, use_cache
+            self.trunk,
+            self._prefix(digit_tokens, aligned),
+            lambda ids, i: self._embed_vq(ids, i, aligned),
+            self.head,
+            pick,
+            c.vq_len,
+            use_cache,
         )
         self.train(was_training)
         return out
