@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.io import sha256_files
+
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIM_FILE = "optim.safetensors"
@@ -108,3 +110,8 @@ def load_checkpoint(
             load_file(str(directory / OPTIM_FILE), device=map_location), opt_meta
         )
     return state, meta, opt_state
+
+
+def checkpoint_sha256(directory: str | Path) -> str:
+    """Hash of what defines a saved model: its weights and its config.json (not optimizer state)."""
+    return sha256_files([Path(directory) / MODEL_FILE, Path(directory) / CONFIG_FILE])

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, checkpoint_sha256, load_checkpoint
+from pipeline.io import sha256_file
 from pipeline.ssl.vit import build_vit
 
 log = logging.getLogger(__name__)
@@ -172,22 +173,6 @@ class Encoder:
             "weights_sha256": self.weights_sha256,
             "random_weights": self.source == "random",
         }
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_checkpoint_dir(directory: str | Path) -> str:
-    """Hash of what defines an exported encoder: its weights and its config (not optimizer state)."""
-    h = hashlib.sha256()
-    for name in (MODEL_FILE, CONFIG_FILE):
-        h.update(name.encode() + b"\0" + sha256_file(Path(directory) / name).encode())
-    return h.hexdigest()
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -348,7 +333,7 @@ def build_encoder(
         model, meta = _build_ssl(weights, img_size)
         default_mean, default_std = tuple(meta["mean"]), tuple(meta["std"])
         name = name or "ssl_vit"
-        weights_str, sha = str(weights), sha256_checkpoint_dir(weights)
+        weights_str, sha = str(weights), checkpoint_sha256(weights)
         if mean is not None and tuple(mean) != default_mean or std is not None and tuple(std) != default_std:
             log.warning("encoder '%s': mean/std override differs from the values it was trained with", name)
     else:

@@ -4,6 +4,7 @@ stage never leaves anything that looks finished."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -73,3 +74,19 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One hash over (name, sha256) of each file, in the given order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).name.encode() + b"\0" + sha256_file(path).encode())
+    return h.hexdigest()

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.checkpoint import checkpoint_sha256
 from pipeline.config import Params, Sample, Sampler
 from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.models.gpt import GPT, load_gpt, rowwise
@@ -41,7 +42,7 @@ from pipeline.stage import MapJobs, stage_main
 from pipeline.stream import read_token_meta
 from pipeline.train import resolve_device
 from pipeline.viz import image_grid, save_png
-from stages.train_gpt import check_variant, checkpoint_sha256, fill_variant, token_spec
+from stages.train_gpt import check_variant, fill_variant, token_spec
 
 log = logging.getLogger("digit.sample")
 PATHS = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE
 from pipeline.config import Params, Train
+from pipeline.io import sha256_files
 from pipeline.models.gpt import GPT, gpt_config, load_gpt
 from pipeline.runs import train_and_promote
 from pipeline.shards import iter_samples, list_shards
@@ -59,26 +58,6 @@ def token_spec(meta: dict[str, Any], variant: str) -> tuple[str, int, tuple[int,
     """(sample field, vocabulary size, grid) of a variant's tokens, from the token shards' meta.json."""
     spec = meta[check_variant(variant)]
     return spec["field"], int(spec["vocab"]), (int(spec["grid"][0]), int(spec["grid"][1]))
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0" + sha256_file(path).encode())
-    return h.hexdigest()
-
-
-def checkpoint_sha256(directory: str | Path) -> str:
-    """Hash of a saved model: its weights and its config.json."""
-    return sha256_files([Path(directory) / MODEL_FILE, Path(directory) / CONFIG_FILE])
 
 
 def tokens_fingerprint(tokens_dir: str | Path, split: str = "train") -> str:

@@ -21,13 +21,14 @@ import torch
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params
 from pipeline.evaluation import read_subset, stack_field
+from pipeline.io import sha256_file
 from pipeline.models.judge import Judge, JudgeConfig, evaluate_accuracy, judge_batches, load_judge
 from pipeline.prepare import MANIFEST, manifest_classes, read_manifest
 from pipeline.runs import train_and_promote
 from pipeline.shards import list_shards
 from pipeline.stage import MapJobs, stage_main
 from pipeline.train import rank_world
-from stages.train_gpt import sha256_file, train_params
+from stages.train_gpt import train_params
 
 log = logging.getLogger("digit.train_judge")
 PATHS = {
