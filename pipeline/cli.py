@@ -1,4 +1,4 @@
-"""The `digit` command: inspect artifacts, run the Prefect flow."""
+"""The `digit` command: inspect artifacts, run the Prefect flow, print the stages' wall times."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p_flow = sub.add_parser("flow", help="run stages as a Prefect flow (same code as `dvc repro`)")
     p_flow.add_argument("--params", default="params.yaml")
     p_flow.add_argument("--stages", default="", help="comma-separated stage names (default: all, DAG order)")
+    p_times = sub.add_parser("times", help="per-stage wall times of the last run (from metrics/*.json)")
+    p_times.add_argument("--metrics", default="metrics", help="metrics directory (default: %(default)s)")
     args = parser.parse_args(argv)
 
     if args.cmd == "inspect":
@@ -26,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             print(inspect_artifact(args.path, args.reports))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.cmd == "times":
+        from pipeline.timings import format_times, stage_times
+
+        try:
+            print(format_times(stage_times(args.metrics)))
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
