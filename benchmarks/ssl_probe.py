@@ -1,11 +1,11 @@
 """Does SSL pretraining make the encoder's patch features discriminative? Random init vs DINO/iBOT.
 
-Trains the default SSL config (pipeline/ssl) on the built-in data and prints, side by side for the random
+Trains the pretrain_encoder config of params.yaml on the built-in data and prints, side by side for the random
 initialisation (same seed, same architecture) and the pretrained teacher: weighted k-NN (k=20, T=0.07) and
 linear-probe val accuracy of mean-pooled patch features at the tokenizer's layer (third from last) and the
 last layer, plus pretraining images/s and minutes — all measured in this run.
 
-    python benchmarks/ssl_probe.py                    # default config, 4000 train / 1000 val images
+    python benchmarks/ssl_probe.py                    # params.yaml's config, 4000 train / 1000 val images
     python benchmarks/ssl_probe.py --steps 20         # a quick smoke run
 """
 
@@ -25,9 +25,11 @@ import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
+from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics.knn import knn_accuracy, mean_patch_features  # noqa: E402
 from pipeline.ssl import DINO, SSLConfig, load_encoder, pretrain_encoder  # noqa: E402
 from pipeline.synthetic import generate_images  # noqa: E402
+from stages.pretrain_encoder import ssl_config  # noqa: E402
 
 
 def linear_probe(train: torch.Tensor, y: np.ndarray, val: torch.Tensor, yv: np.ndarray) -> float:
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=None, help="override SSLConfig.steps (default: the config's)"
     )
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="its pretrain_encoder section")
     ap.add_argument("--config", type=str, default="{}", help="JSON overrides of SSLConfig fields")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
@@ -64,7 +67,8 @@ def main() -> None:
     overrides = json.loads(args.config)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    cfg = SSLConfig.from_dict(overrides)
+    base = ssl_config(load_params(args.params)).to_dict()
+    cfg = SSLConfig.from_dict({**base, **overrides})
     t0 = time.perf_counter()
     x, y = generate_images(args.train_size, cfg.img_size, seed=0, num_classes=args.num_classes, split="train")
     xv, yv = generate_images(args.val_size, cfg.img_size, seed=0, num_classes=args.num_classes, split="val")
