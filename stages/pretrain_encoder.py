@@ -50,45 +50,47 @@ def ssl_config(params: Params) -> SSLConfig:
     return SSLConfig(img_size=params.base.image_size, **params.pretrain_encoder.model_dump())
 
 
-def knn_check(vit: torch.nn.Module, cfg: SSLConfig, train, val, layer: int) -> float:
-    to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
-    with torch.inference_mode():
-        ftr = mean_patch_features(vit, to_nchw(train[0]), cfg.mean, cfg.std, layer)
-        fva = mean_patch_features(vit, to_nchw(val[0]), cfg.mean, cfg.std, layer)
-    return knn_accuracy(ftr, train[1], fva, val[1])
+def nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def change_rate_check(
-    vit: torch.nn.Module, cfg: SSLConfig, train: np.ndarray, val: np.ndarray, layer: int, params: Params
-) -> float:
-    """Token change rate at STABILITY_SNR_DB of a DiGIT tokenizer built on `vit`: K-Means (kmeans.k, seeds
-    from params) on the patch features of `train`, noise added to `val` in [-1, 1] as in the evaluate stage."""
+def encoder_checks(
+    vit: torch.nn.Module, cfg: SSLConfig, train, val, layer: int, params: Params
+) -> tuple[float, float]:
+    """(k-NN val top-1 of mean-pooled patch features, DiGIT token change rate at STABILITY_SNR_DB) of `vit`.
+
+    The train patch features serve both: their means for the k-NN, the patches themselves for a K-Means of
+    kmeans.k (seeds from params); noise is added to `val` images in [-1, 1] as in the evaluate stage."""
     vit.eval()
-    to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
     with torch.inference_mode():
+        batches = range(0, len(train[0]), 256)
         feats = torch.cat(
             [
-                patch_features(vit, to_float_images(to_nchw(train[i : i + 256]), cfg.mean, cfg.std), layer)
-                for i in range(0, len(train), 256)
+                patch_features(vit, to_float_images(nchw(train[0][i : i + 256]), cfg.mean, cfg.std), layer)
+                for i in batches
             ]
-        ).flatten(0, 1)
+        )
+        val_mean = mean_patch_features(vit, nchw(val[0]), cfg.mean, cfg.std, layer)
+    knn = knn_accuracy(feats.mean(dim=1), train[1], val_mean, val[1])
+
+    patches = feats.flatten(0, 1)
     k = params.kmeans
-    rows = sample_rows(len(feats), min(len(feats), k.sample_patches), k.seed)
+    rows = sample_rows(len(patches), min(len(patches), k.sample_patches), k.seed)
     centroids = torch.from_numpy(
-        fit_kmeans(feats[rows].numpy(), k.k, k.niter, k.seed, k.max_points_per_centroid, gpu=False).centroids
+        fit_kmeans(
+            patches[rows].numpy(), k.k, k.niter, k.seed, k.max_points_per_centroid, gpu=False
+        ).centroids
     )
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
     def tokenize(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = patch_features(vit, ((images + 1) / 2 - mean) / std, layer).float()
+        f = patch_features(vit, to_float_images((images + 1) / 2, cfg.mean, cfg.std), layer).float()
         return assign(f, centroids), f
 
-    images = to_nchw(val[:STABILITY_VAL]).float() / 127.5 - 1
+    images = nchw(val[0][:STABILITY_VAL]).float() / 127.5 - 1
     (row,) = stability_table(
         tokenize, images, [STABILITY_SNR_DB], seed=params.evaluate.stability.seed, progress=False
     )
-    return row["change_rate"]
+    return knn, row["change_rate"]
 
 
 def run(
@@ -100,7 +102,7 @@ def run(
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
     cfg = ssl_config(params)
-    train_images, _ = load_split(images, "train")
+    train_images, train_labels = load_split(images, "train")
     log.info(
         "pretrain_encoder: %d train images, %d steps of %d, ViT d=%d depth=%d patch=%d",
         len(train_images),
@@ -125,15 +127,13 @@ def run(
     shutil.rmtree(partial, ignore_errors=True)
 
     layer = params.encoder.layer
-    train = load_split(images, "train", PROBE_TRAIN)
+    train = train_images[:PROBE_TRAIN], train_labels[:PROBE_TRAIN]
     val = load_split(images, "val", PROBE_VAL)
     ssl_vit, _ = load_encoder(out)
     torch.manual_seed(cfg.seed)
     random_vit = build_vit(cfg.timm_kwargs(), cfg.stem)  # the init DINO starts from (same seed)
-    knn_ssl = knn_check(ssl_vit, cfg, train, val, layer)
-    knn_random = knn_check(random_vit, cfg, train, val, layer)
-    change_ssl = change_rate_check(ssl_vit, cfg, train[0], val[0], layer, params)
-    change_random = change_rate_check(random_vit, cfg, train[0], val[0], layer, params)
+    knn_ssl, change_ssl = encoder_checks(ssl_vit, cfg, train, val, layer, params)
+    knn_random, change_random = encoder_checks(random_vit, cfg, train, val, layer, params)
     log.info(
         "layer %d, SSL vs random init: k-NN val top-1 of mean-pooled patch features %.3f vs %.3f; "
         "DiGIT token change rate at %g dB SNR %.3f vs %.3f",
