@@ -139,7 +139,7 @@ class Renderer(nn.Module):
         positions = torch.arange(i + 1, i + 1 + ids.shape[1], device=ids.device)
         x = self.vq_emb(ids) + self.vq_pos(positions)
         if aligned is not None:
-            x = x + aligned[:, i + 1 : i + 1 + ids.shape[1]].repeat(ids.shape[0] // aligned.shape[0], 1, 1)
+            x = x + aligned[:, i + 1 : i + 1 + ids.shape[1]]
         return self.drop(x)
 
     def logits(self, digit: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
