@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from pipeline.models.vq import TokenGrid
+
 LAYOUTS = ("taming", "mage")
 
 
@@ -346,7 +348,7 @@ class TamingVQModel(nn.Module):
         return self.decoder(z_q)
 
 
-class TamingVQGAN(nn.Module):
+class TamingVQGAN(TokenGrid, nn.Module):
     """Tokenizer API over a taming/MAGE VQGAN: images in [-1, 1] <-> token ids [B, h, w]."""
 
     def __init__(self, cfg: TamingConfig):
@@ -361,12 +363,6 @@ class TamingVQGAN(nn.Module):
     @property
     def downsample(self) -> int:
         return self.cfg.downsample
-
-    def token_shape(self, height: int, width: int) -> tuple[int, int]:
-        f = self.downsample
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} is not divisible by the downsample factor {f}")
-        return height // f, width // f
 
     def _to_model_range(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:

@@ -318,7 +318,19 @@ class EMAQuantizer(nn.Module):
 # model
 
 
-class VQModel(nn.Module):
+class TokenGrid:
+    """`token_shape` of the pixel tokenizers (VQModel here, TamingVQGAN): a grid of 1/`downsample` the image."""
+
+    downsample: int
+
+    def token_shape(self, height: int, width: int) -> tuple[int, int]:
+        f = self.downsample
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not divisible by the downsample factor {f}")
+        return height // f, width // f
+
+
+class VQModel(TokenGrid, nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
@@ -345,12 +357,6 @@ class VQModel(nn.Module):
     @property
     def downsample(self) -> int:
         return self.cfg.downsample
-
-    def token_shape(self, height: int, width: int) -> tuple[int, int]:
-        f = self.downsample
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} is not divisible by the downsample factor {f}")
-        return height // f, width // f
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
