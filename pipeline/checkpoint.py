@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from pipeline.io import sha256_files
 
@@ -110,6 +112,25 @@ def load_checkpoint(
             load_file(str(directory / OPTIM_FILE), device=map_location), opt_meta
         )
     return state, meta, opt_state
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_model(
+    directory: str | Path, kind: str, build: Callable[[dict[str, Any]], M], map_location: str = "cpu"
+) -> M:
+    """The model of a checkpoint directory whose config.json says `kind`: `build(meta["config"])`, then the
+    saved weights (strict), on `map_location`."""
+    state, meta, _ = load_checkpoint(directory, map_location=map_location)
+    if meta.get("kind") != kind or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_FILE}: kind is {meta.get('kind')!r}, expected {kind!r} "
+            "with a 'config' dict"
+        )
+    model = build(meta["config"])
+    model.load_state_dict(state)
+    return model.to(map_location)
 
 
 def checkpoint_sha256(directory: str | Path) -> str:

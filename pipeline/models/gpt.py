@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.checkpoint import load_model
 from pipeline.sampling import cfg_combine, process_logits, sample_rows
 
 GPT_SIZES: dict[str, dict[str, int]] = {
@@ -416,9 +416,4 @@ class GPT(nn.Module):
 
 def load_gpt(directory: str | Path, map_location: str = "cpu") -> GPT:
     """A GPT from a checkpoint directory written with `checkpoint_meta()` (safetensors + JSON)."""
-    state, meta, _ = load_checkpoint(directory, map_location=map_location)
-    if meta.get("kind") != "gpt":
-        raise CheckpointError(f"{directory}: config.json kind is {meta.get('kind')!r}, expected 'gpt'")
-    model = GPT(GPTConfig(**meta["config"]))
-    model.load_state_dict(state)
-    return model.to(map_location)
+    return load_model(directory, "gpt", lambda config: GPT(GPTConfig(**config)), map_location)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import MODEL_FILE, load_model, save_checkpoint
 
 CHECKPOINT_KIND = "judge"
 
@@ -209,14 +209,8 @@ def save_judge(directory: str | Path, model: Judge, extra: dict | None = None) -
 
 def load_judge(directory: str | Path, map_location: str = "cpu") -> Judge:
     """Load a judge checkpoint directory (safetensors + config.json) in eval mode."""
-    state, meta, _ = load_checkpoint(directory, map_location=map_location)
-    if meta.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(
-            f"{Path(directory) / 'config.json'}: kind is {meta.get('kind')!r}, expected {CHECKPOINT_KIND!r}"
-        )
-    model = Judge(JudgeConfig(**meta["config"]))
-    model.load_state_dict(state)
-    return model.eval()
+    judge = load_model(directory, CHECKPOINT_KIND, lambda config: Judge(JudgeConfig(**config)), map_location)
+    return judge.eval()
 
 
 def judge_fingerprint(directory: str | Path) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.checkpoint import load_model
 from pipeline.models.gpt import GPT_SIZES, Transformer, autoregress, init_weights, rowwise
 from pipeline.sampling import process_logits, sample_rows
 
@@ -222,9 +222,4 @@ class Renderer(nn.Module):
 
 def load_renderer(directory: str | Path, map_location: str = "cpu") -> Renderer:
     """A Renderer from a checkpoint directory written with `checkpoint_meta()` (safetensors + JSON)."""
-    state, meta, _ = load_checkpoint(directory, map_location=map_location)
-    if meta.get("kind") != "renderer":
-        raise CheckpointError(f"{directory}: config.json kind is {meta.get('kind')!r}, expected 'renderer'")
-    model = Renderer(RendererConfig(**meta["config"]))
-    model.load_state_dict(state)
-    return model.to(map_location)
+    return load_model(directory, "renderer", lambda config: Renderer(RendererConfig(**config)), map_location)
