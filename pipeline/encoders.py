@@ -143,16 +143,20 @@ class Encoder:
 
     def patch_features(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 [B, T, D] patch features (raster order) on the encoder's device."""
-        with torch.inference_mode():
-            x = self.preprocess(images)
-            (feats,) = self.model.forward_intermediates(
-                x,
-                indices=[self.block_index],
-                norm=True,
-                output_fmt="NLC",
-                intermediates_only=True,
-                stop_early=True,
-            )
+        return self.features_of_input(self.preprocess(images))
+
+    @torch.inference_mode()
+    def features_of_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [B, T, D]: the layer's patch tokens through the final norm, for an input that is already
+        the model's (resized, normalised) — `preprocess`'s output or an unclamped equivalent."""
+        (feats,) = self.model.forward_intermediates(
+            x,
+            indices=[self.block_index],
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
+        )
         return feats.float()
 
     def describe(self) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from pipeline.models.gpt import GPT, rowwise
 from pipeline.models.renderer import Renderer
 from pipeline.pixel_vq import to_model_range, to_uint8
 from pipeline.sampling import sample_generators
-from pipeline.shards import count_samples, decode_sample, iter_samples
+from pipeline.shards import count_samples, decode_sample, iter_samples, list_shards
+from pipeline.tokenizer import DigitTokenizer
 
 # --- seeded subsets of shards ------------------------------------------------------------------------
 
@@ -68,6 +69,18 @@ def stack_field(samples: Sequence[dict[str, Any]], field: str, where: str = "sam
     if missing:
         raise KeyError(f"{where}: {len(missing)} sample(s) have no field {field!r}, e.g. {missing[0]}")
     return np.stack([np.asarray(s[field]) for s in samples])
+
+
+def load_images(
+    images_dir: str | Path, split: str, n: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W, 3] and labels [N] of a seeded subset of a split (all of it if n is None)."""
+    shards = list_shards(images_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"{images_dir}: no {split}-*.tar shards (run the prepare stage first)")
+    samples = read_subset(shards, n, seed)
+    where = f"{images_dir}/{split}"
+    return stack_field(samples, "png", where), stack_field(samples, "cls", where).astype(np.int64)
 
 
 # --- linear-probe features -----------------------------------------------------------------------------
@@ -117,32 +130,13 @@ def encoder_input(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-class DigitStabilityTokenizer:
-    """The DiGIT tokenizer (encoder block output through the final norm, nearest centroid) as a
-    pipeline.metrics.stability `Tokenize`: images [-1, 1] -> (tokens [B, T], patch features [B, T, D])."""
-
-    def __init__(self, encoder: Encoder, centroids: np.ndarray | torch.Tensor):
-        centroids = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
-        if centroids.dim() != 2 or centroids.shape[1] != encoder.dim:
-            raise ValueError(
-                f"centroids have shape {tuple(centroids.shape)} but the encoder gives D={encoder.dim}"
-            )
-        self.encoder = encoder
-        self.centroids = centroids.to(encoder.device)
+class DigitStabilityTokenizer(DigitTokenizer):
+    """The DiGIT tokenizer as a pipeline.metrics.stability `Tokenize`: images [-1, 1], unclamped (see
+    `encoder_input`) -> (tokens [B, T], patch features [B, T, D]), both on the CPU."""
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = encoder_input(self.encoder, images)
-        # the same call as Encoder.patch_features, on our unclamped input
-        (feats,) = self.encoder.model.forward_intermediates(
-            x,
-            indices=[self.encoder.block_index],
-            norm=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-            stop_early=True,
-        )
-        feats = feats.float()
+        feats = self.encoder.features_of_input(encoder_input(self.encoder, images))
         return assign(feats, self.centroids).cpu(), feats.cpu()
 
 

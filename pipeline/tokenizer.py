@@ -51,13 +51,15 @@ def encoder_from_params(enc: EncoderParams, base: Base) -> Encoder:
 class DigitTokenizer:
     """images (uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1]) → (tokens [B, h, w], latents [B, T, D])."""
 
-    def __init__(self, encoder: Encoder, centroids: np.ndarray):
-        if centroids.shape[1] != encoder.dim:
-            raise ValueError(f"centroids have D={centroids.shape[1]} but the encoder gives D={encoder.dim}")
+    def __init__(self, encoder: Encoder, centroids: np.ndarray | torch.Tensor):
+        centroids = np.asarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[1] != encoder.dim:
+            raise ValueError(
+                f"centroids have shape {centroids.shape}; the encoder gives D={encoder.dim}, "
+                f"so expected [K, {encoder.dim}]"
+            )
         self.encoder = encoder
-        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(
-            encoder.device
-        )
+        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids)).to(encoder.device)
 
     @property
     def grid(self) -> tuple[int, int]:

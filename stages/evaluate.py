@@ -37,6 +37,7 @@ from pipeline.config import GPTSampler, Params, Sampler
 from pipeline.evaluation import (
     DigitStabilityTokenizer,
     gpt_probe_features,
+    load_images,
     read_subset,
     render_true_tokens,
     stack_field,
@@ -59,7 +60,6 @@ from pipeline.viz import image_grid, save_png
 from stages.reference import fidelity_device
 from stages.sample import RUN_META, knob_metrics
 from stages.train_gpt import VARIANTS, token_spec
-from stages.train_judge import load_images
 
 log = logging.getLogger("digit.evaluate")
 PATHS = {

@@ -16,10 +16,10 @@ import torch
 
 from pipeline.assign import assign
 from pipeline.config import Params
+from pipeline.evaluation import load_images, subset_indices
 from pipeline.kmeans import fit_kmeans, sample_rows
 from pipeline.metrics.knn import knn_accuracy, mean_patch_features, patch_features, to_float_images
 from pipeline.metrics.stability import stability_table
-from pipeline.shards import iter_samples, list_shards
 from pipeline.ssl.dino import SSLConfig
 from pipeline.ssl.pretrain import pretrain_encoder
 from pipeline.ssl.vit import build_vit, load_encoder
@@ -34,16 +34,6 @@ PATHS = {
 }
 PROBE_TRAIN, PROBE_VAL = 2000, 500  # images for the k-NN check (enough to separate, cheap on CPU)
 STABILITY_SNR_DB, STABILITY_VAL = 10.0, 200
-
-
-def load_split(images_dir: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for s in iter_samples(list_shards(images_dir, split)):
-        images.append(s["png"])
-        labels.append(s["cls"])
-        if limit and len(images) == limit:
-            break
-    return np.stack(images), np.asarray(labels)
 
 
 def ssl_config(params: Params) -> SSLConfig:
@@ -102,7 +92,7 @@ def run(
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
     cfg = ssl_config(params)
-    train_images, train_labels = load_split(images, "train")
+    train_images, train_labels = load_images(images, "train")
     log.info(
         "pretrain_encoder: %d train images, %d steps of %d, ViT d=%d depth=%d patch=%d",
         len(train_images),
@@ -127,8 +117,10 @@ def run(
     shutil.rmtree(partial, ignore_errors=True)
 
     layer = params.encoder.layer
-    train = train_images[:PROBE_TRAIN], train_labels[:PROBE_TRAIN]
-    val = load_split(images, "val", PROBE_VAL)
+    # seeded subsets, not the first N: ImageFolder shards are written in class order
+    probe = subset_indices(len(train_images), PROBE_TRAIN, cfg.seed)
+    train = train_images[probe], train_labels[probe]
+    val = load_images(images, "val", PROBE_VAL, cfg.seed)
     ssl_vit, _ = load_encoder(out)
     torch.manual_seed(cfg.seed)
     random_vit = build_vit(cfg.timm_kwargs(), cfg.stem)  # the init DINO starts from (same seed)

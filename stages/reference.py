@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.evaluation import load_images
 from pipeline.metrics.fidelity import load_reference, reference_stats
 from pipeline.stage import MapJobs, stage_main
 from pipeline.train import resolve_device
-from stages.train_judge import load_images
 
 log = logging.getLogger("digit.reference")
 PATHS = {

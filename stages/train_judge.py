@@ -15,17 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params
-from pipeline.evaluation import read_subset, stack_field
+from pipeline.evaluation import load_images
 from pipeline.io import sha256_file
 from pipeline.models.judge import Judge, JudgeConfig, evaluate_accuracy, judge_batches, load_judge
 from pipeline.prepare import MANIFEST, manifest_classes, read_manifest
 from pipeline.runs import train_and_promote
-from pipeline.shards import list_shards
 from pipeline.stage import MapJobs, stage_main
 from pipeline.train import rank_world
 from stages.train_gpt import train_params
@@ -51,18 +49,6 @@ def judge_config(params: Params, num_classes: int) -> JudgeConfig:
         dropout=p.dropout,
         label_smoothing=p.label_smoothing,
     )
-
-
-def load_images(
-    images_dir: str | Path, split: str, n: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N, H, W, 3] and labels [N] of a seeded subset of a split (all of it if n is None)."""
-    shards = list_shards(images_dir, split)
-    if not shards:
-        raise FileNotFoundError(f"{images_dir}: no {split}-*.tar shards (run the prepare stage first)")
-    samples = read_subset(shards, n, seed)
-    where = f"{images_dir}/{split}"
-    return stack_field(samples, "png", where), stack_field(samples, "cls", where).astype(np.int64)
 
 
 def run(
