@@ -3,6 +3,9 @@
   fidelity      FID, IS, KID, precision, recall of each sample set against the stored val reference
                 (digit_*, vq_*), and of real train images at the same N (real_*: the floor FID can reach
                 with this many images and this extractor — FID is biased upwards at small N);
+  class match   the judge's top-1 on each class-conditional sample set against the class each sample was
+                drawn for (<variant>_class_top1; the CAS-style "does it look like what was asked"), and on
+                the upper-bound images against their true class (upper_*_class_top1); chance is 1/classes;
   upper bounds  (a) the true val DiGIT tokens -> renderer -> VQ decoder (upper_digit_renderer_*: the paper's
                 1.92 row, a GPT that made perfect tokens) and (b) plain VQ reconstructions of the same val
                 images (upper_vq_recon_*), on evaluate.upper_bound.images val images; upper_real_* is the
@@ -49,6 +52,7 @@ from pipeline.metrics.fidelity import compute_fidelity, load_reference
 from pipeline.metrics.probe import ProbeConfig, probe_layers
 from pipeline.metrics.stability import stability_table
 from pipeline.models.gpt import load_gpt
+from pipeline.models.judge import evaluate_accuracy, load_judge
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.shards import list_shards
@@ -58,7 +62,7 @@ from pipeline.tokenizer import encoder_from_params, load_centroids
 from pipeline.train import resolve_device
 from pipeline.viz import image_grid, save_png
 from stages.reference import fidelity_device
-from stages.sample import RUN_META, knob_metrics
+from stages.sample import NO_CLASS, RUN_META, knob_metrics
 from stages.train_gpt import VARIANTS, token_spec
 
 log = logging.getLogger("digit.evaluate")
@@ -137,14 +141,28 @@ def fidelity_metrics(
     }
 
 
-def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The generated images of a variant (uint8 [N, H, W, 3]) and the flat knobs they were drawn with,
-    read from the samples' own meta.json (what was used, not what params say now)."""
+def class_top1(
+    prefix: str, images: np.ndarray, labels: np.ndarray, judge: str, device: torch.device
+) -> dict[str, float]:
+    """{<prefix>_class_top1}: the judge's top-1 on uint8 images [N, H, W, 3] against `labels` [N]; empty when
+    the images have no class (samples of an unconditional GPT)."""
+    if len(labels) == 0 or (labels == NO_CLASS).any():
+        return {}
+    model = load_judge(_check_dir(judge, "judge", "train_judge"), map_location=str(device))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    return {f"{prefix}_class_top1": evaluate_accuracy(model, x, torch.from_numpy(labels).long().to(device))}
+
+
+def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The generated images of a variant (uint8 [N, H, W, 3]), the class each was drawn for ([N]; NO_CLASS
+    when unconditional) and the flat knobs they were drawn with, read from the samples' own meta.json (what
+    was used, not what params say now)."""
     directory = _check_dir(samples_dir, f"{variant} samples", f"sample --variant {variant}")
     shards = list_shards(directory, "samples")
     if not shards:
         raise FileNotFoundError(f"{directory}: no samples-*.tar shards (run `python -m stages.sample`)")
-    images = stack_field(read_subset(shards, None, 0), "png", str(directory))
+    rows = read_subset(shards, None, 0)
+    images, labels = stack_field(rows, "png", str(directory)), stack_field(rows, "cls", str(directory))
     settings = read_json(directory / RUN_META)
     knobs: dict[str, Any] = {
         f"{variant}_sample_seed": settings["seed"],
@@ -153,7 +171,7 @@ def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, dict[str, An
     }
     if "renderer" in settings:
         knobs |= knob_metrics(f"{variant}_renderer", Sampler.model_validate(settings["renderer"]))
-    return images, knobs
+    return images, labels.astype(np.int64), knobs
 
 
 # --- upper bounds ----------------------------------------------------------------------------------------
@@ -161,9 +179,9 @@ def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, dict[str, An
 
 def upper_bounds(
     params: Params, images: str, tokens: str, vq: str, renderer: str, device: torch.device
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
     """The same seeded subset of val images, their VQ reconstructions and their true DiGIT tokens rendered:
-    ({"real", "vq_recon", "digit_renderer"}: uint8 [N, H, W, 3], flat knobs)."""
+    ({"real", "vq_recon", "digit_renderer"}: uint8 [N, H, W, 3], their classes [N], flat knobs)."""
     ub, s = params.evaluate.upper_bound, params.sample
     meta = read_token_meta(tokens)
     digit_field, _, digit_grid = token_spec(meta, "digit")
@@ -175,6 +193,7 @@ def upper_bounds(
             f"{tokens} and {images}: the val token and image shards hold different keys; rerun tokenize"
         )
     real = stack_field(image_rows, "png", f"{images}/val")
+    labels = stack_field(image_rows, "cls", f"{images}/val").astype(np.int64)
     digit = torch.from_numpy(stack_field(token_rows, digit_field, f"{tokens}/val").astype(np.int64))
     digit = digit.view(len(token_rows), digit_grid[0] * digit_grid[1])
     _check_dir(renderer, "renderer", "train_renderer")
@@ -204,7 +223,7 @@ def upper_bounds(
         "upper_bound_batch_invariant": int(s.batch_invariant),
         **knob_metrics("upper_renderer", r),
     }
-    return out, knobs
+    return out, labels, knobs
 
 
 # --- linear probe ----------------------------------------------------------------------------------------
@@ -372,17 +391,20 @@ def run(
     t = time.perf_counter()
     n_samples = 0
     for variant, directory in (("digit", samples_digit), ("vq", samples_vq)):
-        generated, knobs = sample_set(directory, variant)
+        generated, labels, knobs = sample_set(directory, variant)
         n_samples = max(n_samples, len(generated))
         m |= fidelity_metrics(variant, generated, params, judge, reference) | knobs
+        m |= class_top1(variant, generated, labels, judge, device)
     real, _ = load_images(images, "train", n_samples, f.seed)
     m |= fidelity_metrics("real", real, params, judge, reference)
     timings["fidelity_seconds"] = time.perf_counter() - t
 
     with atomic_dir(out) as tmp:
         t = time.perf_counter()
-        upper, knobs = upper_bounds(params, images, tokens, vq, renderer, device)
+        upper, labels, knobs = upper_bounds(params, images, tokens, vq, renderer, device)
         m |= knobs | {"upper_bound_images": len(upper["real"])}
+        for name in ("digit_renderer", "vq_recon"):
+            m |= class_top1(f"upper_{name}", upper[name], labels, judge, device)
         m |= fidelity_metrics("upper_digit_renderer", upper["digit_renderer"], params, judge, reference)
         m |= fidelity_metrics("upper_vq_recon", upper["vq_recon"], params, judge, reference)
         floor, _ = load_images(images, "train", len(upper["real"]), f.seed)
@@ -422,12 +444,14 @@ def run(
     if bad:
         log.warning("evaluate: non-finite metrics %s", bad)
     log.info(
-        "evaluate: FID digit %.2f vq %.2f (real %.2f, upper %.2f); probe top-1 digit %.3f vq %.3f; "
-        "change rate digit %.3f vq %.3f",
+        "evaluate: FID digit %.2f vq %.2f (real %.2f, upper %.2f); class match digit %s (upper %s); "
+        "probe top-1 digit %.3f vq %.3f; change rate digit %.3f vq %.3f",
         m["digit_fid"],
         m["vq_fid"],
         m["real_fid"],
         m["upper_digit_renderer_fid"],
+        m.get("digit_class_top1", "n/a (unconditional)"),
+        m.get("upper_digit_renderer_class_top1", "n/a"),
         m["digit_probe_top1"],
         m["vq_probe_top1"],
         m["digit_mean_change_rate"],

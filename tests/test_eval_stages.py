@@ -13,6 +13,7 @@ from pipeline.config import Params, dump_params, with_overrides
 from pipeline.evaluation import (
     DigitStabilityTokenizer,
     gpt_probe_features,
+    load_images,
     read_subset,
     render_true_tokens,
     subset_indices,
@@ -227,6 +228,22 @@ def test_evaluate_reports_every_metric_finite(chain):
     assert metrics["probe_top1_delta"] == pytest.approx(
         metrics["digit_probe_top1"] - metrics["vq_probe_top1"]
     )
+
+
+def test_class_top1_scores_images_against_the_class_they_were_drawn_for(chain):
+    _, _, m, paths = chain
+    metrics = m["evaluate"]
+    assert "vq_class_top1" not in metrics  # this chain's VQ GPT is unconditional: nothing was asked for
+    for key in ("digit_class_top1", "upper_digit_renderer_class_top1", "upper_vq_recon_class_top1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    images, labels = load_images(paths["images"], "val")
+    cpu = torch.device("cpu")
+    right = evaluate.class_top1("x", images, labels, paths["judge"], cpu)["x_class_top1"]
+    assert right == pytest.approx(m["judge"]["val_top1"])  # real val images: the judge's own val accuracy
+    wrong = evaluate.class_top1("x", images, (labels + 1) % CLASSES, paths["judge"], cpu)["x_class_top1"]
+    assert wrong <= 1.0 - right
+    unconditional = np.full_like(labels, sample.NO_CLASS)
+    assert evaluate.class_top1("x", images, unconditional, paths["judge"], cpu) == {}
 
 
 def test_probe_tsv_matches_the_metrics(chain):
