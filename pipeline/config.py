@@ -173,7 +173,7 @@ class TrainGPT(Section):
     """Stage-1 GPT, trained on DiGIT tokens (and, as the baseline, on VQ tokens) with the same settings."""
 
     model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768)
-    train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
+    train: Train = _train(steps=800, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 
 class RendererModel(ModelSize):
@@ -186,7 +186,7 @@ class TrainRenderer(Section):
     """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
 
     model: RendererModel = RendererModel(n_embd=192, n_head=4, ffn_dim=768)
-    train: Train = _train(steps=300, batch_size=32, lr=1e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
+    train: Train = _train(steps=600, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
 
 
 class Sampler(Section):
@@ -196,7 +196,7 @@ class Sampler(Section):
 
 
 class GPTSampler(Sampler):
-    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = plain conditional")
+    cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance; 1 = plain conditional")
 
 
 class Sample(Section):

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.checkpoint import checkpoint_sha256
-from pipeline.config import Params, Sample, Sampler
+from pipeline.config import Params, Sample, Sampler, with_overrides
 from pipeline.io import atomic_dir, read_json, write_json
 from pipeline.models.gpt import GPT, load_gpt, rowwise
 from pipeline.models.renderer import Renderer, load_renderer
@@ -245,6 +245,16 @@ def run(
     meta = read_token_meta(tokens)
     device = resolve_device(params.base.device)
     models = load_models(variant, gpt, renderer, vq, meta, device)
+    if not models.num_classes and s.gpt.cfg_scale != 1.0:
+        # guidance mixes conditional and unconditional logits; with no classes there is nothing to mix
+        log.warning(
+            "sample[%s]: %s is unconditional, so sample.gpt.cfg_scale %g does not apply; sampling with 1",
+            variant,
+            gpt,
+            s.gpt.cfg_scale,
+        )
+        params = with_overrides(params, {"sample.gpt.cfg_scale": 1.0})
+        s = params.sample
     settings = run_settings(params, variant, gpt, renderer, vq, meta, device)
     n_shards = -(-s.n // SAMPLES_PER_SHARD)
     log.info(

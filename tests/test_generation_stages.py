@@ -232,7 +232,7 @@ def test_digit_samples_follow_the_contract_and_are_class_balanced(chain):
     metrics = m["sample_digit"]
     assert metrics["n"] == metrics["generated"] == N_SAMPLES and metrics["shards"] == 3
     assert metrics["num_classes"] == CLASSES and metrics["images_per_s"] > 0
-    assert metrics["gpt_top_k"] == 100 and metrics["gpt_top_p"] == 1.0 and metrics["gpt_cfg_scale"] == 1.0
+    assert metrics["gpt_top_k"] == 100 and metrics["gpt_top_p"] == 1.0 and metrics["gpt_cfg_scale"] == 2.0
     assert metrics["renderer_top_p"] == 0.8 and metrics["renderer_top_k"] == 0
     assert metrics["gpt_temperature"] == metrics["renderer_temperature"] == 1.0 and metrics["seed"] == 0
     assert read_json(root / "samples_digit/meta.json")["variant"] == "digit"
@@ -256,6 +256,9 @@ def test_vq_variant_needs_no_renderer_and_is_unconditional(chain, tmp_path, monk
     assert len(samples) == N_SAMPLES and all(s["cls"] == sample.NO_CLASS for s in samples)
     assert all("digit.npy" not in s and s["vq.npy"].shape == (4, 4) for s in samples)
     assert m["sample_vq"]["num_classes"] == 0 and not any(k.startswith("renderer_") for k in m["sample_vq"])
+    # guidance needs classes: the default cfg_scale falls back to 1 for an unconditional GPT, and says so
+    assert params.sample.gpt.cfg_scale != 1.0 and m["sample_vq"]["gpt_cfg_scale"] == 1.0
+    assert read_json(root / "samples_vq/meta.json")["gpt"]["cfg_scale"] == 1.0
     # via the CLI, with default paths filled from --variant and no renderer anywhere
     dump_params(params, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
