@@ -207,7 +207,7 @@ class Sample(Section):
         True, description="rows computed one at a time: identical for any batch size"
     )
     gpt: GPTSampler = GPTSampler(top_k=100)
-    renderer: Sampler = Sampler(top_p=0.8)
+    renderer: Sampler = Sampler(top_p=0.5)
 
 
 class TrainJudge(Section):

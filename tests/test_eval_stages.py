@@ -222,8 +222,8 @@ def test_evaluate_reports_every_metric_finite(chain):
     assert metrics["upper_vq_recon_n"] == metrics["upper_real_n"] == N_VAL
     assert metrics["judge_val_top1"] == m["judge"]["val_top1"]
     # knobs come from the samples' meta.json and params.sample.renderer
-    assert metrics["digit_gpt_top_k"] == 100 and metrics["digit_renderer_top_p"] == 0.8
-    assert metrics["upper_renderer_top_p"] == 0.8 and metrics["vq_gpt_cfg_scale"] == 1.0
+    assert metrics["digit_gpt_top_k"] == 100 and metrics["digit_renderer_top_p"] == 0.5
+    assert metrics["upper_renderer_top_p"] == 0.5 and metrics["vq_gpt_cfg_scale"] == 1.0
     assert metrics["digit_fid_over_vq_fid"] == pytest.approx(metrics["digit_fid"] / metrics["vq_fid"])
     assert metrics["probe_top1_delta"] == pytest.approx(
         metrics["digit_probe_top1"] - metrics["vq_probe_top1"]

@@ -233,7 +233,7 @@ def test_digit_samples_follow_the_contract_and_are_class_balanced(chain):
     assert metrics["n"] == metrics["generated"] == N_SAMPLES and metrics["shards"] == 3
     assert metrics["num_classes"] == CLASSES and metrics["images_per_s"] > 0
     assert metrics["gpt_top_k"] == 100 and metrics["gpt_top_p"] == 1.0 and metrics["gpt_cfg_scale"] == 2.0
-    assert metrics["renderer_top_p"] == 0.8 and metrics["renderer_top_k"] == 0
+    assert metrics["renderer_top_p"] == 0.5 and metrics["renderer_top_k"] == 0
     assert metrics["gpt_temperature"] == metrics["renderer_temperature"] == 1.0 and metrics["seed"] == 0
     assert read_json(root / "samples_digit/meta.json")["variant"] == "digit"
     with Image.open(root / "grid_digit.png") as grid:
