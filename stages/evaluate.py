@@ -52,7 +52,7 @@ from pipeline.metrics.fidelity import compute_fidelity, load_reference
 from pipeline.metrics.probe import ProbeConfig, probe_layers
 from pipeline.metrics.stability import stability_table
 from pipeline.models.gpt import load_gpt
-from pipeline.models.judge import evaluate_accuracy, load_judge
+from pipeline.models.judge import Judge, evaluate_accuracy, load_judge
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.shards import list_shards
@@ -141,16 +141,14 @@ def fidelity_metrics(
     }
 
 
-def class_top1(
-    prefix: str, images: np.ndarray, labels: np.ndarray, judge: str, device: torch.device
-) -> dict[str, float]:
+def class_top1(prefix: str, images: np.ndarray, labels: np.ndarray, judge: Judge) -> dict[str, float]:
     """{<prefix>_class_top1}: the judge's top-1 on uint8 images [N, H, W, 3] against `labels` [N]; empty when
     the images have no class (samples of an unconditional GPT)."""
     if len(labels) == 0 or (labels == NO_CLASS).any():
         return {}
-    model = load_judge(_check_dir(judge, "judge", "train_judge"), map_location=str(device))
+    device = next(judge.parameters()).device
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-    return {f"{prefix}_class_top1": evaluate_accuracy(model, x, torch.from_numpy(labels).long().to(device))}
+    return {f"{prefix}_class_top1": evaluate_accuracy(judge, x, torch.from_numpy(labels).long().to(device))}
 
 
 def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -389,12 +387,13 @@ def run(
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    judge_model = load_judge(_check_dir(judge, "judge", "train_judge"), map_location=str(device))
     n_samples = 0
     for variant, directory in (("digit", samples_digit), ("vq", samples_vq)):
         generated, labels, knobs = sample_set(directory, variant)
         n_samples = max(n_samples, len(generated))
         m |= fidelity_metrics(variant, generated, params, judge, reference) | knobs
-        m |= class_top1(variant, generated, labels, judge, device)
+        m |= class_top1(variant, generated, labels, judge_model)
     real, _ = load_images(images, "train", n_samples, f.seed)
     m |= fidelity_metrics("real", real, params, judge, reference)
     timings["fidelity_seconds"] = time.perf_counter() - t
@@ -404,7 +403,7 @@ def run(
         upper, labels, knobs = upper_bounds(params, images, tokens, vq, renderer, device)
         m |= knobs | {"upper_bound_images": len(upper["real"])}
         for name in ("digit_renderer", "vq_recon"):
-            m |= class_top1(f"upper_{name}", upper[name], labels, judge, device)
+            m |= class_top1(f"upper_{name}", upper[name], labels, judge_model)
         m |= fidelity_metrics("upper_digit_renderer", upper["digit_renderer"], params, judge, reference)
         m |= fidelity_metrics("upper_vq_recon", upper["vq_recon"], params, judge, reference)
         floor, _ = load_images(images, "train", len(upper["real"]), f.seed)

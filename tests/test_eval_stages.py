@@ -237,13 +237,13 @@ def test_class_top1_scores_images_against_the_class_they_were_drawn_for(chain):
     for key in ("digit_class_top1", "upper_digit_renderer_class_top1", "upper_vq_recon_class_top1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     images, labels = load_images(paths["images"], "val")
-    cpu = torch.device("cpu")
-    right = evaluate.class_top1("x", images, labels, paths["judge"], cpu)["x_class_top1"]
+    judge = load_judge(paths["judge"])
+    right = evaluate.class_top1("x", images, labels, judge)["x_class_top1"]
     assert right == pytest.approx(m["judge"]["val_top1"])  # real val images: the judge's own val accuracy
-    wrong = evaluate.class_top1("x", images, (labels + 1) % CLASSES, paths["judge"], cpu)["x_class_top1"]
+    wrong = evaluate.class_top1("x", images, (labels + 1) % CLASSES, judge)["x_class_top1"]
     assert wrong <= 1.0 - right
     unconditional = np.full_like(labels, sample.NO_CLASS)
-    assert evaluate.class_top1("x", images, unconditional, paths["judge"], cpu) == {}
+    assert evaluate.class_top1("x", images, unconditional, judge) == {}
 
 
 def test_probe_tsv_matches_the_metrics(chain):
