@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.ranks import init_distributed, rank_world
 from pipeline.sampling import derive_seed
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
@@ -100,13 +101,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * factor
 
 
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process: from the process group if joined, else from torchrun's env."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,16 +111,6 @@ def resolve_device(name: str) -> torch.device:
         # Under torchrun each rank takes its own GPU.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1). Returns True if this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
 
 
 class _LossModule(nn.Module):
