@@ -17,7 +17,11 @@ from pipeline.io import write_json
 log = logging.getLogger("digit")
 
 # How a stage fans out independent per-shard work: map_jobs(fn, jobs, out_dir) -> [fn(job, out_dir) ...]
-# in job order. Stages loop by default; the Prefect flow passes one that submits concurrent tasks.
+# in job order. Stages loop by default; the Prefect flow passes one that submits concurrent tasks, which may
+# run in other processes or on other machines (a Dask cluster). So `fn` and `jobs` must be picklable: a
+# module-level function (or a functools.partial of one over params, paths and numbers) — never a closure
+# over loaded models, open stores, locks or progress bars. Heavy state is loaded inside `fn` through a
+# per-process cache (functools.lru_cache keyed on paths and hashes); results are small (paths, counts).
 MapJobs = Callable[[Callable[[Any, Path], Any], list[Any], Path], list[Any]]
 
 
