@@ -112,7 +112,9 @@ class Train(Section):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
     log_every: int = Field(10, ge=1, description="steps between rows of the training-curve TSV")
-    amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA only")
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (pipeline/train.py)"
+    )
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -173,7 +175,7 @@ class TrainGPT(Section):
     """Stage-1 GPT, trained on DiGIT tokens (and, as the baseline, on VQ tokens) with the same settings."""
 
     model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768)
-    train: Train = _train(steps=800, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
+    train: Train = _train(steps=800, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
 
 
 class RendererModel(ModelSize):
@@ -186,7 +188,7 @@ class TrainRenderer(Section):
     """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
 
     model: RendererModel = RendererModel(n_embd=192, n_head=4, ffn_dim=768)
-    train: Train = _train(steps=600, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01, amp="bf16")
+    train: Train = _train(steps=600, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
 
 
 class Sampler(Section):
@@ -201,10 +203,11 @@ class GPTSampler(Sampler):
 
 class Sample(Section):
     n: int = Field(500, ge=1, description="images per variant (balanced over classes if class-conditional)")
-    batch_size: int = Field(50, ge=1)
+    batch_size: int = Field(50, ge=1, description="rows per decode batch (CFG doubles what the trunk runs)")
+    shard_size: int = Field(1000, ge=1, description="samples per output shard; batches never span two")
     seed: int = Field(0, ge=0, description="sample i is drawn with a seed derived from (seed, i)")
     batch_invariant: bool = Field(
-        True, description="rows computed one at a time: identical for any batch size"
+        False, description="rows computed one at a time: identical for any batch size, several times slower"
     )
     gpt: GPTSampler = GPTSampler(top_k=100)
     renderer: Sampler = Sampler(top_p=0.5)

@@ -1,17 +1,21 @@
 """Logits processing and per-row random draws for autoregressive sampling.
 
 Order applied by the models' `generate`: classifier-free guidance on the raw logits, then banned ids,
-temperature, top-k, top-p, then one draw per row from that row's own generator.
+temperature, top-k, top-p, then one draw per row.
 
-Reproducibility contract: sample i's tokens depend only on (seed, i) and the model, never on the batch it
-was generated in or on the process count. The pieces that make this hold:
+Reproducibility contract: same params (batch size included) give the same samples, and sample i's random
+numbers depend only on (seed, i) and the model, never on the batch it was generated in or on the process
+count. The pieces that make this hold:
   * `sample_seed(seed, i)` is a hash, so every sample has its own `torch.Generator`;
-  * `sample_rows` draws one float64 uniform per row from that row's CPU generator and inverts the row's
-    CDF in float64, so the draw is the same on any device and with any batch neighbours;
-  * the models' `generate(..., batch_invariant=True)` computes every row on its own (see gpt.py), because
-    CPU GEMM and attention kernels pick different code paths for different batch sizes (measured here:
-    a 1-token decode step differs in the last bits between batch 1, 2, 3 and 16), and a last-bit change in
-    a logit can flip a draw whose uniform falls next to a CDF boundary.
+  * `row_uniforms` draws all of a row's float64 uniforms from that row's CPU generator in one call, before
+    decoding starts (so a decode step does no per-row Python work), and `sample_with_uniforms` inverts each
+    row's CDF in float64 — the draw is the same on any device and with any batch neighbours;
+  * the logits themselves are batch-invariant only with `generate(..., batch_invariant=True)`, which computes
+    every row on its own (see gpt.py): CPU GEMM and attention kernels pick different code paths for
+    different batch sizes (measured here: a 1-token decode step differs in the last bits between batch 1, 2,
+    3 and 16), and a last-bit change in a logit can flip a draw whose uniform falls next to a CDF boundary.
+    The default, batched, is several times faster; its samples depend on the batch size too, which is a
+    param.
 """
 
 from __future__ import annotations
@@ -91,21 +95,24 @@ def process_logits(
     return top_p_mask(top_k_mask(logits, top_k), top_p)
 
 
-def sample_rows(
-    logits: torch.Tensor, generators: list[torch.Generator], greedy: bool = False
-) -> torch.Tensor:
-    """Draw one id per row of `logits` [B, V], row b with generators[b] (CPU generators).
+def row_uniforms(generators: list[torch.Generator], n: int) -> torch.Tensor:
+    """float64 [B, n]: the next n uniforms in [0, 1) of each row's CPU generator (row b from generators[b])."""
+    if n < 1:
+        raise ValueError(f"row_uniforms: n must be >= 1, got {n}")
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in generators])
 
-    Inverse-CDF sampling in float64: u ~ U[0, 1) from the row's generator, pick the first id whose cumulative
-    probability exceeds u * total. Ids with probability 0 (masked to -inf) are never picked. Each row
-    consumes exactly one draw per call, also when greedy, so a row's stream does not depend on settings of
-    other rows.
+
+def sample_with_uniforms(logits: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    """Draw one id per row of `logits` [B, V] by inverting the row's CDF at u [B] (float64 in [0, 1)).
+
+    Inverse-CDF sampling in float64: pick the first id whose cumulative probability exceeds u * total. Ids with
+    probability 0 (masked to -inf) are never picked. greedy takes the argmax (u is then unused, but callers still
+    spend it, so a row's stream does not depend on the settings).
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_rows expects logits [B, V], got shape {tuple(logits.shape)}")
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"sample_rows: {logits.shape[0]} rows but {len(generators)} generators")
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    if u.shape != (logits.shape[0],):
+        raise ValueError(f"sample_rows: {logits.shape[0]} rows but {tuple(u.shape)} uniforms")
     if greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.double(), dim=-1)
@@ -116,6 +123,19 @@ def sample_rows(
         raise ValueError(
             f"sample_rows: rows {rows} have no valid distribution (NaN logits, or every id masked)"
         )
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
     ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return ids.clamp_(max=logits.shape[-1] - 1)
+
+
+def sample_rows(
+    logits: torch.Tensor, generators: list[torch.Generator], greedy: bool = False
+) -> torch.Tensor:
+    """Draw one id per row of `logits` [B, V], row b with the next uniform of generators[b] (CPU generators).
+
+    Each row consumes exactly one draw per call, also when greedy, so a row's stream does not depend on the
+    settings of other rows. The models' decode loops draw all steps' uniforms at once (`row_uniforms`) instead.
+    """
+    if len(generators) != logits.shape[0]:
+        raise ValueError(f"sample_rows: {logits.shape[0]} rows but {len(generators)} generators")
+    return sample_with_uniforms(logits, row_uniforms(generators, 1)[:, 0], greedy)

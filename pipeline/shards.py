@@ -121,16 +121,21 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Callers pass exactly the shards they want, in order: no shuffling, and no splitting of the list by
+# torch.distributed rank or DataLoader worker (ranks take their own shards; see pipeline/ranks.py).
+_READ_ALL = {"shardshuffle": False, "empty_check": False, "nodesplitter": None, "workersplitter": None}
+
+
 def iter_samples(shards: Iterable[str | Path], decode: bool = True) -> Iterator[dict[str, Any]]:
     """Stream samples from shards in order; memory stays constant whatever the dataset size."""
     urls = [str(s) for s in shards]
     for shard in urls:
         if not os.path.isfile(shard):
             raise ShardError(f"{shard}: shard file not found")
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    dataset = wds.WebDataset(urls, **_READ_ALL)
     for raw in dataset:
         yield decode_sample(raw) if decode else raw
 
 
 def count_samples(shard: str | Path) -> int:
-    return sum(1 for _ in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False))
+    return sum(1 for _ in wds.WebDataset([str(shard)], **_READ_ALL))

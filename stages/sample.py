@@ -5,21 +5,27 @@ variant `vq`:    GPT trained on VQ tokens → VQ tokens → VQ decoder → pixel
 
 Sample i is drawn with generators from (sample.seed, i) — the same generator goes to the GPT and then the
 renderer — and gets label i % num_classes when the GPT is class-conditional (balanced classes; -1 when it
-is unconditional). With sample.batch_invariant every row is computed on its own, so the shards are
-byte-identical for any batch size. Shards `<out>/samples-NNNNN.tar` hold SAMPLES_PER_SHARD samples keyed
-`sample_%07d` with `png`, `cls`, `vq.npy` (uint16 [h', w']) and, for variant digit, `digit.npy` (uint16
-[h, w]); `<out>/meta.json` records the settings. A killed run keeps its finished shards in `<out>.tmp/` and
-resumes from them if the settings and model weights are the same.
+is unconditional). Batches of sample.batch_size rows run on base.device, CFG rows in the same batch; batches
+start at every shard's first sample, so a batch never spans two shards and the samples are a function of the
+params alone (batch size included). With sample.batch_invariant every row is computed on its own instead, so
+the shards are byte-identical for any batch size (several times slower).
+
+Shards `<out>/samples-NNNNN.tar` hold sample.shard_size samples keyed `sample_%07d` with `png`, `cls`,
+`vq.npy` (uint16 [h', w']) and, for variant digit, `digit.npy` (uint16 [h, w]); `<out>/meta.json` records
+the settings. Under `torchrun --nproc_per_node N` every rank writes a contiguous block of shards and rank 0
+writes meta.json and the grid: the output is byte-identical to one process. A killed run keeps its finished
+shards in `<out>.tmp/` and resumes from them if the settings and model weights are the same.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import shutil
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +38,11 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import checkpoint_sha256
 from pipeline.config import Params, Sample, Sampler, with_overrides
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import promote, read_json, write_json
 from pipeline.models.gpt import GPT, load_gpt, rowwise
 from pipeline.models.renderer import Renderer, load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_uint8
+from pipeline.ranks import barrier, gather, my_block, process_group
 from pipeline.sampling import sample_generators
 from pipeline.shards import iter_samples, list_shards, shard_name, write_shard
 from pipeline.stage import MapJobs, stage_main
@@ -55,7 +62,6 @@ PATHS = {
     "grid": "reports/samples_{variant}.png",
     "metrics": "metrics/sample_{variant}.json",
 }
-SAMPLES_PER_SHARD = 1000
 GRID_PER_CLASS = 8  # images per row of the grid
 GRID_ROWS_UNCONDITIONAL = 8
 RUN_META = "meta.json"
@@ -183,8 +189,18 @@ def shard_samples(batch: dict[str, np.ndarray], indices: range) -> Iterator[tupl
         yield f"sample_{i:07d}", fields
 
 
+def model_hashes(variant: str, gpt: str, renderer: str, vq: str) -> dict[str, str]:
+    """Checkpoint hashes of the models a variant uses (missing checkpoints are left to load_models' check)."""
+    dirs = {"gpt": gpt, "vq": vq, **({"renderer": renderer} if variant == "digit" else {})}
+    return {
+        f"{name}_sha256": checkpoint_sha256(d)
+        for name, d in dirs.items()
+        if (Path(d) / "model.safetensors").is_file()
+    }
+
+
 def run_settings(
-    params: Params, variant: str, gpt: str, renderer: str, vq: str, meta: dict[str, Any], device: torch.device
+    params: Params, variant: str, hashes: dict[str, str], meta: dict[str, Any], device: torch.device
 ) -> dict[str, Any]:
     """What the samples depend on; a partial run is only resumed when all of it is unchanged."""
     s = params.sample
@@ -193,18 +209,16 @@ def run_settings(
         "n": s.n,
         "seed": s.seed,
         "batch_invariant": s.batch_invariant,
-        # without batch invariance the draws depend on the batch composition
+        # batched, the samples depend on the batch composition
         "batch_size": None if s.batch_invariant else s.batch_size,
-        "samples_per_shard": SAMPLES_PER_SHARD,
+        "shard_size": s.shard_size,
         "gpt": s.gpt.model_dump(mode="json"),
-        "gpt_sha256": checkpoint_sha256(gpt),
-        "vq_sha256": checkpoint_sha256(vq),
+        **hashes,
         "device": device.type,
         "classes": meta["classes"],
     }
     if variant == "digit":
         settings["renderer"] = s.renderer.model_dump(mode="json")
-        settings["renderer_sha256"] = checkpoint_sha256(renderer)
     return settings
 
 
@@ -226,6 +240,65 @@ def grid_picture(shards_dir: Path, classes: list[str], conditional: bool, title:
     return image_grid([rows[r] for r in keep], labels, title=title)
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_models(
+    variant: str, gpt: str, renderer: str, vq: str, meta_json: str, device: str, shas: tuple[str, ...]
+) -> Models:
+    """The models of a run, loaded once per process (shard tasks may run in worker processes); `shas`
+    (checkpoint hashes) is part of the key so retrained weights at the same path are reloaded."""
+    return load_models(variant, gpt, renderer, vq, json.loads(meta_json), torch.device(device))
+
+
+@dataclass(frozen=True)
+class SampleShard:
+    """One shard of samples: what a worker needs to write it (picklable; the models are loaded there)."""
+
+    index: int
+    first: int  # sample indices [first, last)
+    last: int
+    sample: Sample
+    variant: str
+    gpt: str
+    renderer: str
+    vq: str
+    meta_json: str
+    device: str
+    shas: tuple[str, ...]
+
+
+def write_sample_shard(
+    job: SampleShard, out_dir: str | Path, progress: Callable[[int], None] | None = None
+) -> int:
+    """Write shard `job.index` into out_dir (skipped if a finished one is there); returns images generated."""
+    path = Path(out_dir) / shard_name("samples", job.index)
+    if path.is_file():
+        if progress:
+            progress(job.last - job.first)
+        return 0
+    models = _cached_models(job.variant, job.gpt, job.renderer, job.vq, job.meta_json, job.device, job.shas)
+    s = job.sample
+
+    def samples() -> Iterator[tuple[str, dict[str, Any]]]:
+        for start in range(job.first, job.last, s.batch_size):
+            indices = range(start, min(start + s.batch_size, job.last))
+            yield from shard_samples(generate_batch(models, s, indices), indices)
+            if progress:
+                progress(len(indices))
+
+    write_shard(path, samples())
+    return job.last - job.first
+
+
+def _prepare_partial(tmp: Path, settings: dict[str, Any]) -> None:
+    """Keep finished shards of a run with the same settings; anything else in `tmp` is stale."""
+    saved = tmp / RUN_META
+    if any(tmp.iterdir()) and (not saved.is_file() or read_json(saved) != settings):
+        log.info("sample: %s was left by a run with other settings or weights; starting over", tmp)
+        shutil.rmtree(tmp)
+        tmp.mkdir()
+    write_json(saved, settings)
+
+
 def run(
     params: Params,
     variant: str = PATHS["variant"],
@@ -243,8 +316,11 @@ def run(
     gpt, out, grid = fill_variant(gpt, variant), fill_variant(out, variant), fill_variant(grid, variant)
     s = params.sample
     meta = read_token_meta(tokens)
+    meta_json = json.dumps(meta, sort_keys=True)
     device = resolve_device(params.base.device)
-    models = load_models(variant, gpt, renderer, vq, meta, device)
+    hashes = model_hashes(variant, gpt, renderer, vq)
+    shas = tuple(sorted(hashes.values()))
+    models = _cached_models(variant, gpt, renderer, vq, meta_json, str(device), shas)
     if not models.num_classes and s.gpt.cfg_scale != 1.0:
         # guidance mixes conditional and unconditional logits; with no classes there is nothing to mix
         log.warning(
@@ -255,58 +331,67 @@ def run(
         )
         params = with_overrides(params, {"sample.gpt.cfg_scale": 1.0})
         s = params.sample
-    settings = run_settings(params, variant, gpt, renderer, vq, meta, device)
-    n_shards = -(-s.n // SAMPLES_PER_SHARD)
-    log.info(
-        "sample[%s]: %d images in %d shard(s), %s, batch %d",
-        variant,
-        s.n,
-        n_shards,
-        f"{models.num_classes} classes" if models.num_classes else "unconditional",
-        s.batch_size,
-    )
-    bar = tqdm(total=s.n, unit="img", desc=f"sample {variant}", dynamic_ncols=True)
-    bar_lock = threading.Lock()
-
-    def job(shard: int, out_dir: Path) -> int:
-        """Write shard `shard` (skipped if a finished one is there already); returns images generated."""
-        path = Path(out_dir) / shard_name("samples", shard)
-        first, last = shard * SAMPLES_PER_SHARD, min((shard + 1) * SAMPLES_PER_SHARD, s.n)
-        if path.is_file():
-            with bar_lock:
-                bar.update(last - first)
-            return 0
-
-        def samples() -> Iterator[tuple[str, dict[str, Any]]]:
-            for start in range(first, last, s.batch_size):
-                indices = range(start, min(start + s.batch_size, last))
-                yield from shard_samples(generate_batch(models, s, indices), indices)
-                with bar_lock:
-                    bar.update(len(indices))
-
-        write_shard(path, samples())
-        return last - first
-
-    with atomic_dir(out, keep_partial=True) as tmp:
-        tmp = Path(tmp)
-        saved = tmp / RUN_META
-        if any(tmp.iterdir()) and (not saved.is_file() or read_json(saved) != settings):
-            log.info("sample: %s was left by a run with other settings or weights; starting over", tmp)
-            shutil.rmtree(tmp)
-            tmp.mkdir()
-        write_json(saved, settings)
+    settings = run_settings(params, variant, hashes, meta, device)
+    n_shards = -(-s.n // s.shard_size)
+    jobs = [
+        SampleShard(
+            i,
+            i * s.shard_size,
+            min((i + 1) * s.shard_size, s.n),
+            s,
+            variant,
+            gpt,
+            renderer,
+            vq,
+            meta_json,
+            str(device),
+            shas,
+        )
+        for i in range(n_shards)
+    ]
+    with process_group(device) as (rank, world):
+        mine = my_block(jobs, rank, world)
+        log.info(
+            "sample[%s]: %d images in %d shard(s) (this process: %d), %s, batch %d%s on %s",
+            variant,
+            s.n,
+            n_shards,
+            len(mine),
+            f"{models.num_classes} classes" if models.num_classes else "unconditional",
+            s.batch_size,
+            ", one row at a time" if s.batch_invariant else "",
+            device,
+        )
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        if rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+            _prepare_partial(tmp, settings)
+        barrier()
         t_sample = time.perf_counter()
-        jobs = list(range(n_shards))
-        generated = map_jobs(job, jobs, tmp) if map_jobs is not None else [job(j, tmp) for j in jobs]
+        if map_jobs is not None:
+            generated = map_jobs(write_sample_shard, mine, tmp)
+        else:
+            with tqdm(
+                total=sum(j.last - j.first for j in mine),
+                unit="img",
+                desc=f"sample {variant}",
+                dynamic_ncols=True,
+                disable=rank != 0,
+            ) as bar:
+                generated = [write_sample_shard(job, tmp, bar.update) for job in mine]
         sample_seconds = time.perf_counter() - t_sample
-        bar.close()
-        if grid:
-            picture = grid_picture(
-                tmp, meta["classes"], models.num_classes > 0, f"{variant} samples, seed {s.seed}"
-            )
-            partial = Path(grid).with_name(Path(grid).name + ".tmp")
-            save_png(picture, partial)
-            os.replace(partial, grid)
+        generated = [g for part in gather(generated) for g in part]
+        barrier()
+        if rank == 0:
+            if grid:
+                picture = grid_picture(
+                    tmp, meta["classes"], models.num_classes > 0, f"{variant} samples, seed {s.seed}"
+                )
+                partial = Path(grid).with_name(Path(grid).name + ".tmp")
+                save_png(picture, partial)
+                os.replace(partial, grid)
+            promote(tmp, out)
+        barrier()
     summary: dict[str, Any] = {
         "n": s.n,
         "generated": sum(generated),
@@ -314,7 +399,9 @@ def run(
         "shards_resumed": sum(1 for g in generated if g == 0),
         "num_classes": models.num_classes,
         "seed": s.seed,
+        "batch_size": s.batch_size,
         "batch_invariant": int(s.batch_invariant),
+        "world_size": world,
         "sample_seconds": sample_seconds,
         "images_per_s": sum(generated) / sample_seconds if sample_seconds > 0 else 0.0,
         **knob_metrics("gpt", s.gpt),

@@ -62,6 +62,7 @@ def _params(encoder, **kw) -> Params:
             "evaluate.stability.snrs_db": SNRS,
             "evaluate.stability.batch_size": 5,
             "evaluate.upper_bound.batch_size": 5,
+            "sample.shard_size": PER_SHARD,
         },
     )
 
@@ -83,19 +84,17 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     uncond = with_overrides(params, {"train_gpt.model": {**TINY_MODEL, "class_conditional": False}})
     train_gpt.run(uncond, "vq", r["tokens"], str(root / "gpt_vq"), None)
     train_renderer.run(params, r["tokens"], r["renderer"], None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sample, "SAMPLES_PER_SHARD", PER_SHARD)
-        for variant in ("digit", "vq"):
-            sample.run(
-                params,
-                variant=variant,
-                gpt=str(root / f"gpt_{variant}"),
-                renderer=r["renderer"],
-                vq=r["vq"],
-                tokens=r["tokens"],
-                out=str(root / f"samples_{variant}"),
-                grid=None,
-            )
+    for variant in ("digit", "vq"):
+        sample.run(
+            params,
+            variant=variant,
+            gpt=str(root / f"gpt_{variant}"),
+            renderer=r["renderer"],
+            vq=r["vq"],
+            tokens=r["tokens"],
+            out=str(root / f"samples_{variant}"),
+            grid=None,
+        )
     m = {
         "judge": train_judge.run(params, r["images"], r["judge"], str(root / "judge.tsv")),
         "reference": reference.run(params, r["images"], r["judge"], str(root / "reference")),

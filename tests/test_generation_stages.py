@@ -3,6 +3,9 @@ the real tokenizer stages (prepare → extract → kmeans → train_vq → token
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,29 +23,28 @@ from pipeline.pixel_vq import load_pixel_vq, to_uint8
 from pipeline.shards import iter_samples, list_shards
 from stages import extract, kmeans, prepare, sample, tokenize, train_gpt, train_renderer, train_vq
 
-from .conftest import chain_params
+from .conftest import REPO, chain_params
 
 TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "ffn_dim": 64}
 N_SAMPLES, PER_SHARD, CLASSES = 20, 8, 10
 
 
 def _params(encoder_dir, **kw):
-    return chain_params(encoder_dir, TINY_MODEL, N_SAMPLES, **kw)
+    # several shards from 20 samples
+    return chain_params(encoder_dir, TINY_MODEL, N_SAMPLES, sample__shard_size=PER_SHARD, **kw)
 
 
 def _sample(params, root, variant, out, **paths):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sample, "SAMPLES_PER_SHARD", PER_SHARD)  # several shards from 20 samples
-        return sample.run(
-            params,
-            variant=variant,
-            gpt=str(root / f"gpt_{variant}"),
-            renderer=str(root / "renderer"),
-            vq=str(root / "vq"),
-            tokens=str(root / "tokens"),
-            out=str(out),
-            **paths,
-        )
+    return sample.run(
+        params,
+        variant=variant,
+        gpt=str(root / f"gpt_{variant}"),
+        renderer=str(root / "renderer"),
+        vq=str(root / "vq"),
+        tokens=str(root / "tokens"),
+        out=str(out),
+        **paths,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +243,51 @@ def test_digit_samples_follow_the_contract_and_are_class_balanced(chain):
         assert grid.height == 16 + CLASSES * (64 + 2) + 2
 
 
-def test_samples_do_not_depend_on_batch_size(chain, tmp_path):
-    root, params, _ = chain
-    _sample(with_overrides(params, {"sample.batch_size": 16}), root, "digit", tmp_path / "s16", grid=None)
+def test_batched_samples_repeat_exactly(chain, tmp_path):
+    root, params, m = chain
+    assert not params.sample.batch_invariant and m["sample_digit"]["batch_invariant"] == 0  # the default
+    _sample(params, root, "digit", tmp_path / "again", grid=None)
     names = sorted(p.name for p in (root / "samples_digit").iterdir())
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "again" / name).read_bytes() == (root / "samples_digit" / name).read_bytes(), name
+    # the batch size is part of the settings a partial run is resumed with
+    assert read_json(root / "samples_digit/meta.json")["batch_size"] == params.sample.batch_size
+
+
+def test_batch_invariant_samples_do_not_depend_on_batch_size(chain, tmp_path):
+    root, params, _ = chain
+    invariant = with_overrides(params, {"sample.batch_invariant": True})
+    _sample(invariant, root, "digit", tmp_path / "s4", grid=None)
+    _sample(with_overrides(invariant, {"sample.batch_size": 16}), root, "digit", tmp_path / "s16", grid=None)
+    names = sorted(p.name for p in (tmp_path / "s4").iterdir())
     assert sorted(p.name for p in (tmp_path / "s16").iterdir()) == names
     for name in names:
-        assert (tmp_path / "s16" / name).read_bytes() == (root / "samples_digit" / name).read_bytes(), name
+        if name.endswith(".tar"):
+            assert (tmp_path / "s16" / name).read_bytes() == (tmp_path / "s4" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_two_process_sampling_equals_one_process(chain, tmp_path):
+    root, params, m = chain
+    dump_params(params, tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["-m", "stages.sample", "--params", str(tmp_path / "params.yaml"), "--variant", "digit"]
+    paths = {"gpt": "gpt_digit", "renderer": "renderer", "vq": "vq", "tokens": "tokens"}
+    for key, name in paths.items():
+        args += [f"--{key}", str(root / name)]
+    args += ["--out", str(tmp_path / "ddp"), "--grid", str(tmp_path / "grid.png")]
+    args += ["--metrics", str(tmp_path / "sample.json")]
+    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (root / "samples_digit").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == names  # rank 0 wrote meta.json
+    for name in names:
+        assert (tmp_path / "ddp" / name).read_bytes() == (root / "samples_digit" / name).read_bytes(), name
+    metrics = read_json(tmp_path / "sample.json")  # written once, by rank 0, with every rank's count
+    assert metrics["world_size"] == 2 and metrics["generated"] == N_SAMPLES == m["sample_digit"]["generated"]
+    assert (tmp_path / "grid.png").is_file() and not (tmp_path / "ddp.tmp").exists()
 
 
 def test_vq_variant_needs_no_renderer_and_is_unconditional(chain, tmp_path, monkeypatch):
@@ -262,7 +302,6 @@ def test_vq_variant_needs_no_renderer_and_is_unconditional(chain, tmp_path, monk
     # via the CLI, with default paths filled from --variant and no renderer anywhere
     dump_params(params, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sample, "SAMPLES_PER_SHARD", PER_SHARD)
     argv = ["--params", "params.yaml", "--variant", "vq", "--gpt", str(root / "gpt_vq")]
     assert sample.main([*argv, "--vq", str(root / "vq"), "--tokens", str(root / "tokens")]) == 0
     assert not (tmp_path / "models/renderer").exists()

@@ -298,3 +298,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
         assert float(a["acc"]) == pytest.approx(float(b["acc"]), abs=1e-6)
         assert float(a["items_per_s"]) > 0
+
+
+def test_amp_auto_takes_bf16_only_where_it_is_native():
+    from pipeline.train import use_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_bf16("off", cpu) and not use_bf16("off", cuda)
+    assert use_bf16("bf16", cpu) and use_bf16("auto", cuda)
+    # on the CPU, auto follows oneDNN's native bf16 support (emulated bf16 is many times slower than fp32)
+    assert use_bf16("auto", cpu) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

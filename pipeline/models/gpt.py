@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.checkpoint import load_model
-from pipeline.sampling import cfg_combine, process_logits, sample_rows
+from pipeline.sampling import cfg_combine, process_logits, row_uniforms, sample_with_uniforms
 
 GPT_SIZES: dict[str, dict[str, int]] = {
     # CPU pipeline defaults: ~3M / ~11M block parameters, trainable in minutes on two cores.
@@ -208,23 +208,25 @@ def autoregress(
     prefix: torch.Tensor,
     embed: Callable[[torch.Tensor, int], torch.Tensor],
     head: Callable[[torch.Tensor], torch.Tensor],
-    pick: Callable[[torch.Tensor], torch.Tensor],
+    pick: Callable[[torch.Tensor, int], torch.Tensor],
     n_tokens: int,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """Generate n_tokens ids after `prefix` embeddings [R, T0, D].
 
-    embed(ids [R, t], i) embeds generated tokens i..i+t-1; head(hidden [R, D]) gives logits [R, V];
-    pick(logits) returns the chosen ids [B] (R may be a multiple of B: CFG runs a conditional and an
-    unconditional copy of every row, and both are fed the same chosen ids). use_cache=False recomputes
-    the whole sequence at every step (the reference the KV cache is tested against).
+    The prefix is prefilled in one trunk call into a KV cache allocated once for the whole sequence; each
+    decode step then runs one new position per row. embed(ids [R, t], i) embeds generated tokens i..i+t-1;
+    head(hidden [R, D]) gives logits [R, V]; pick(logits, i) returns the chosen ids [B] of step i (R may be a
+    multiple of B: CFG runs a conditional and an unconditional copy of every row in the same batch, and both
+    are fed the same chosen ids). use_cache=False recomputes the whole sequence at every step (the reference
+    the KV cache is tested against).
     """
     R = prefix.shape[0]
     cache = trunk.new_cache(prefix.shape[1] + n_tokens - 1) if use_cache else None
     out: list[torch.Tensor] = []
     h = trunk(prefix, cache)[:, -1]
     for i in range(n_tokens):
-        ids = pick(head(h))
+        ids = pick(head(h), i)
         out.append(ids)
         if i + 1 == n_tokens:
             break
@@ -343,7 +345,7 @@ class GPT(nn.Module):
         )
         return hidden
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         generators: list[torch.Generator],
@@ -355,14 +357,16 @@ class GPT(nn.Module):
         top_p: float | None = None,
         cfg_scale: float = 1.0,
         use_cache: bool = True,
-        batch_invariant: bool = True,
+        batch_invariant: bool = False,
     ) -> torch.Tensor:
         """Sample token ids [B, n_tokens], row b drawn with generators[b] (B = len(generators)).
 
         labels [B] (class-conditional models; None = unconditional / null class). cfg_scale != 1 mixes in
-        the null-class branch: logits = cond + (s - 1) * (cond - uncond). temperature 0 = greedy.
-        batch_invariant=True computes one row at a time so results do not depend on the batch (see
-        `rowwise`); False batches all rows (faster; may differ in rare draws between batch sizes).
+        the null-class branch, computed in the same batch: logits = cond + (s - 1) * (cond - uncond).
+        temperature 0 = greedy. Every row draws its n_tokens uniforms from its generator before decoding,
+        so the generator's stream (continued by the renderer) is the same in every mode. batch_invariant=True
+        computes one row at a time, so results do not depend on the batch (see `rowwise`; several times
+        slower); the default batches all rows.
         """
         c = self.config
         n_tokens = c.block_size if n_tokens is None else n_tokens
@@ -391,6 +395,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         device = self.wte.weight.device
+        uniforms = row_uniforms(generators, n_tokens).to(device)
         first = self._first_ids(labels, B, device)
         if cfg_scale != 1.0:
             first = torch.cat([first, torch.full_like(first, self.null_class)])
@@ -398,16 +403,16 @@ class GPT(nn.Module):
 
         def embed(ids: torch.Tensor, i: int) -> torch.Tensor:
             # generated token i sits at sequence position i + 1 (position 0 is BOS / class)
-            return self.wte(ids) + self.wpe(torch.arange(i + 1, i + 1 + ids.shape[1], device=device))
+            return self.wte(ids) + self.wpe.weight[i + 1 : i + 1 + ids.shape[1]]
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
+        def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
             logits = logits.float()
             if cfg_scale != 1.0:
                 logits = cfg_combine(logits[:B], logits[B:], cfg_scale)
             if c.use_eos:
                 logits = logits[:, : c.vocab_size]  # the pipeline needs exactly n_tokens image tokens
             logits = process_logits(logits, temperature, top_k, top_p)
-            return sample_rows(logits, generators, greedy=temperature == 0)
+            return sample_with_uniforms(logits, uniforms[:, i], greedy=temperature == 0)
 
         out = autoregress(self.trunk, prefix, embed, self.head, pick, n_tokens, use_cache)
         self.train(was_training)

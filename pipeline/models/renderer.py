@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.checkpoint import load_model
 from pipeline.models.gpt import GPT_SIZES, Transformer, autoregress, init_weights, rowwise
-from pipeline.sampling import process_logits, sample_rows
+from pipeline.sampling import process_logits, row_uniforms, sample_with_uniforms
 
 RENDERER_SIZES: dict[str, dict[str, int]] = dict(GPT_SIZES)
 
@@ -164,7 +164,7 @@ class Renderer(nn.Module):
         acc = (logits.argmax(-1) == vq).float().mean()
         return loss, {"acc": float(acc)}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         digit_tokens: torch.Tensor,
@@ -174,11 +174,12 @@ class Renderer(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
-        batch_invariant: bool = True,
+        batch_invariant: bool = False,
     ) -> torch.Tensor:
-        """VQ token ids [B, M] for DiGIT tokens [B, N]; row b drawn with generators[b].
+        """VQ token ids [B, M] for DiGIT tokens [B, N]; row b drawn with the next M uniforms of generators[b].
 
-        batch_invariant as in GPT.generate: one row at a time, so results do not depend on the batch.
+        Batched by default; batch_invariant as in GPT.generate: one row at a time, so results do not depend on
+        the batch.
         """
         c = self.config
         digit_tokens = digit_tokens.to(self.digit_emb.weight.device)
@@ -201,10 +202,11 @@ class Renderer(nn.Module):
             )
         was_training = self.training
         self.eval()
+        uniforms = row_uniforms(generators, c.vq_len).to(digit_tokens.device)
 
-        def pick(logits: torch.Tensor) -> torch.Tensor:
+        def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
             logits = process_logits(logits.float(), temperature, top_k, top_p)
-            return sample_rows(logits, generators, greedy=temperature == 0)
+            return sample_with_uniforms(logits, uniforms[:, i], greedy=temperature == 0)
 
         aligned = self._aligned(digit_tokens)
         out = autoregress(
