@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from pipeline.models.judge import Judge, JudgeConfig, evaluate_accuracy, judge_batches, to_judge_input
+from pipeline.shards import write_shard
+from pipeline.stream import ShardStream
 from pipeline.synthetic import generate_images
 from pipeline.train import TrainConfig, fit
 
@@ -92,7 +94,15 @@ def main() -> None:
         seed=0,
         device="cpu",
     )
-    batches = judge_batches(x_train, y_train, args.batch, seed=0, image_size=args.size)
+    shard_dir = tempfile.TemporaryDirectory()
+    for i, start in enumerate(range(0, args.train, 1000)):
+        rows = range(start, min(start + 1000, args.train))
+        samples = ((f"train_{j:07d}", {"png": x_train[j], "cls": int(y_train[j])}) for j in rows)
+        write_shard(Path(shard_dir.name) / f"train-{i:05d}.tar", samples)
+    stream = ShardStream(
+        sorted(Path(shard_dir.name).glob("train-*.tar")), {"image": "png", "label": "cls"}, args.batch, seed=0
+    )
+    batches = judge_batches(stream, args.size, seed=0)
     print(
         f"judge widths {cfg.widths}, {n_params / 1e3:.0f}k params; {args.steps} steps x {args.batch}; "
         f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
@@ -100,6 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run:
         model.start_wall, model.start_cpu = time.perf_counter(), time.process_time()
         fit(model, batches, train, Path(run), {"kind": "judge", "config": asdict(cfg)}, progress=False)
+    shard_dir.cleanup()
 
     print(
         f"{'steps':>6} {'images':>8} {'val top-1':>9} {'wall s':>7} {'CPU s':>7} {'img/s wall':>10} {'img/s CPU':>9}"

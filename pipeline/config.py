@@ -225,9 +225,6 @@ class TrainJudge(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     flip: bool = Field(True, description="random horizontal flips (label-preserving for the built-in data)")
-    max_images: int | None = Field(
-        None, ge=2, description="train on a seeded subset of this many train images (None: all, held in RAM)"
-    )
     train: Train = _train(
         steps=1800,
         batch_size=32,

@@ -1,9 +1,11 @@
-"""The pieces of the evaluate stage that are not stage glue.
+"""The pieces of the evaluation stages (fidelity, class_match, probe, stability, upper_bound) that are not
+stage glue.
 
-* seeded subsets of shards (`read_subset`): every cap (probe, stability, upper bounds, reference) takes a
-  seeded random subset, never the first N — ImageFolder shards are written in class order;
-* linear-probe features of a frozen GPT (`gpt_probe_features`): each block's output mean-pooled over
-  [BOS, t1..tN], fed BOS / the null class (labels=None) so the label never leaks into the features;
+* seeded subsets of shards (`iter_subset`, `read_subset`): every cap (probe, stability, upper bounds,
+  reference) takes a seeded random subset, never the first N — ImageFolder shards are written in class order;
+* linear-probe features of a frozen GPT (`gpt_probe_features`, streamed to disk by `write_probe_features`):
+  each block's output mean-pooled over [BOS, t1..tN], fed BOS / the null class (labels=None) so the label
+  never leaks into the features;
 * stability tokenizer adapters for pipeline.metrics.stability: both take float images in [-1, 1]
   (the shared domain, where the noise is added) and see *identical* noisy pixels;
 * upper-bound images: true DiGIT tokens -> renderer -> VQ decoder, and plain VQ reconstructions.
@@ -11,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,12 @@ from tqdm import tqdm
 
 from pipeline.assign import assign
 from pipeline.encoders import Encoder
+from pipeline.metrics.probe import FeatureFile
 from pipeline.models.gpt import GPT, rowwise
 from pipeline.models.renderer import Renderer
 from pipeline.pixel_vq import to_model_range, to_uint8
 from pipeline.sampling import sample_generators
-from pipeline.shards import count_samples, decode_sample, iter_samples, list_shards
+from pipeline.shards import ShardImages, count_samples, decode_sample, iter_samples, list_shards
 from pipeline.tokenizer import DigitTokenizer
 
 # --- seeded subsets of shards ------------------------------------------------------------------------
@@ -46,21 +49,38 @@ def subset_indices(total: int, n: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(total, size=n, replace=False))
 
 
-def read_subset(shards: Sequence[str | Path], n: int | None, seed: int) -> list[dict[str, Any]]:
-    """The samples at `subset_indices(total, n, seed)` of the shards' concatenation, in shard order, each
-    with its position in that concatenation as "__index__".
-
-    Only the chosen samples are decoded, so memory grows with n, not with the dataset."""
+def iter_subset(shards: Sequence[str | Path], n: int | None, seed: int) -> Iterator[dict[str, Any]]:
+    """The samples at `subset_indices(total, n, seed)` of the shards' concatenation, streamed in shard order,
+    each with its position in that concatenation as "__index__". Only the chosen samples are decoded."""
     if not shards:
         raise FileNotFoundError("read_subset: no shards given (is the directory empty?)")
     total = sum(count_samples(s) for s in shards)
     keep = subset_indices(total, n, seed)
-    out, j = [], 0
+    j = 0
     for i, raw in enumerate(iter_samples(shards, decode=False)):
         if j < len(keep) and i == keep[j]:
-            out.append({**decode_sample(raw), "__index__": i})
+            yield {**decode_sample(raw), "__index__": i}
             j += 1
-    return out
+
+
+def read_subset(shards: Sequence[str | Path], n: int | None, seed: int) -> list[dict[str, Any]]:
+    """`iter_subset` as a list (memory grows with n, not with the dataset)."""
+    return list(iter_subset(shards, n, seed))
+
+
+def require(path: str | Path, what: str, stage: str) -> Path:
+    """`path`, or a FileNotFoundError naming the stage that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} not found (run `python -m stages.{stage}` first)")
+    return path
+
+
+def image_subset(images_dir: str | Path, split: str, n: int | None, seed: int) -> ShardImages:
+    """A seeded subset of n images of a split (all of them if n is None) as a Dataset streamed from the
+    shards (uint8 [3, H, W] items; `.labels`, `.keys`)."""
+    shards = list_shards(images_dir, split)
+    return ShardImages(shards, subset_indices(sum(count_samples(s) for s in shards), n, seed))
 
 
 def stack_field(samples: Sequence[dict[str, Any]], field: str, where: str = "samples") -> np.ndarray:
@@ -87,24 +107,24 @@ def load_images(
 
 
 @torch.no_grad()
-def gpt_probe_features(
-    gpt: GPT, tokens: torch.Tensor, batch_size: int = 100, progress: bool = True
-) -> list[torch.Tensor]:
-    """Per block l: features float32 [N, D], block l's output mean-pooled over the N+1 positions
-    [BOS, t1..tN] of each sequence. tokens: int64 [N, block_size]. The GPT is run in eval mode with
-    labels=None (BOS / the null class): a class-conditional model given the label would leak it."""
+def write_probe_features(
+    gpt: GPT, batches: Iterable[torch.Tensor], out_dir: str | Path, prefix: str, progress: bool = True
+) -> list[FeatureFile]:
+    """Stream token batches (int64 [b, block_size]) through the frozen GPT and append each block's
+    mean-pooled features to `<out_dir>/<prefix>-layerNN.f32` (one FeatureFile per block): memory holds one
+    batch, whatever the number of sequences."""
     was_training = gpt.training
     gpt.eval()
     device = gpt.wte.weight.device
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(gpt.config.n_layer)]
-    for start in tqdm(
-        range(0, len(tokens), batch_size), desc="probe features", unit="batch", disable=not progress
-    ):
-        hidden = gpt.forward_features(tokens[start : start + batch_size].to(device), labels=None)
-        for layer, h in enumerate(hidden):
-            per_layer[layer].append(h.float().mean(dim=1).cpu())
+    files = [
+        FeatureFile(Path(out_dir) / f"{prefix}-layer{i + 1:02d}.f32", gpt.config.n_embd)
+        for i in range(gpt.config.n_layer)
+    ]
+    for tokens in tqdm(batches, desc=f"probe features ({prefix})", unit="batch", disable=not progress):
+        for f, h in zip(files, gpt.forward_features(tokens.to(device), labels=None), strict=True):
+            f.append(h.float().mean(dim=1))
     gpt.train(was_training)
-    return [torch.cat(chunks) for chunks in per_layer]
+    return files
 
 
 # --- stability tokenizer adapters ----------------------------------------------------------------------
@@ -174,7 +194,7 @@ def render_true_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    batch_invariant: bool = True,
+    batch_invariant: bool = False,
     batch_size: int = 50,
     progress: bool = True,
 ) -> np.ndarray:
@@ -203,7 +223,7 @@ def vq_reconstructions(
     vq: nn.Module,
     images: np.ndarray,
     batch_size: int = 50,
-    batch_invariant: bool = True,
+    batch_invariant: bool = False,
     progress: bool = True,
 ) -> np.ndarray:
     """Upper bound (b): uint8 images [N, H, W, 3] -> VQ encode -> decode -> uint8 [N, H, W, 3]."""

@@ -4,6 +4,7 @@ stage never leaves anything that looks finished."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -90,3 +91,15 @@ def sha256_files(paths: list[Path]) -> str:
     for path in paths:
         h.update(Path(path).name.encode() + b"\0" + sha256_file(path).encode())
     return h.hexdigest()
+
+
+def write_tsv(path: str | Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """A tab-separated table (header + rows, floats to 6 significant digits), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterable, Iterator
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import Dataset
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 
@@ -48,7 +51,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -139,3 +142,111 @@ def iter_samples(shards: Iterable[str | Path], decode: bool = True) -> Iterator[
 
 def count_samples(shard: str | Path) -> int:
     return sum(1 for _ in wds.WebDataset([str(shard)], **_READ_ALL))
+
+
+class ShardImages(Dataset):
+    """The images of WebDataset shards as a map-style Dataset of uint8 tensors [3, H, W] (torch-fidelity's
+    input), read on demand: memory does not grow with the number of images.
+
+    Building it reads the tar headers (and the tiny `cls` members) of every shard once; an item is then one
+    seek and one PNG decode. `indices` (positions in the shards' concatenation, e.g. from
+    pipeline.evaluation.subset_indices) restricts it to a subset, in the given order. `labels` and `keys`
+    are those of the kept items.
+    """
+
+    def __init__(self, shards: Iterable[str | Path], indices: Sequence[int] | np.ndarray | None = None):
+        self.shards = [str(s) for s in shards]
+        if not self.shards:
+            raise ShardError("ShardImages: no shards given")
+        where, offsets, sizes, labels, keys = [], [], [], [], []
+        for s, path in enumerate(self.shards):
+            if not os.path.isfile(path):
+                raise ShardError(f"{path}: shard file not found")
+            with tarfile.open(path) as tar:
+                found: dict[str, dict[str, Any]] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    entry = found.setdefault(key, {})
+                    if ext == "png":
+                        entry["png"] = (member.offset_data, member.size)
+                    elif ext == "cls":
+                        entry["cls"] = int(tar.extractfile(member).read())
+                for key, entry in found.items():
+                    if "png" not in entry:
+                        continue
+                    where.append(s)
+                    offsets.append(entry["png"][0])
+                    sizes.append(entry["png"][1])
+                    labels.append(entry.get("cls", -1))
+                    keys.append(key)
+        keep = np.arange(len(keys)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(keep) and (keep.min() < 0 or keep.max() >= len(keys)):
+            raise ShardError(f"ShardImages: indices must lie in [0, {len(keys)}), the images in the shards")
+        self.total = len(keys)
+        self._shard = np.asarray(where, dtype=np.int32)[keep]
+        self._offset = np.asarray(offsets, dtype=np.int64)[keep]
+        self._size = np.asarray(sizes, dtype=np.int64)[keep]
+        self.labels = np.asarray(labels, dtype=np.int64)[keep]
+        self.keys = [keys[i] for i in keep]
+        self._files: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def read_png(self, i: int) -> bytes:
+        s = int(self._shard[i])
+        f = self._files.get(s)
+        if f is None:
+            f = self._files[s] = open(self.shards[s], "rb")  # noqa: SIM115 (kept open for the next reads)
+        f.seek(int(self._offset[i]))
+        return f.read(int(self._size[i]))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(decode_png(self.read_png(i))).permute(2, 0, 1).contiguous()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open files do not travel to DataLoader workers: each process opens its own
+        return {**self.__dict__, "_files": {}}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+class ShardSink:
+    """Write samples one at a time into `<directory>/<split>-NNNNN.tar` shards of `shard_size` samples.
+
+    Each shard is written as `<name>.partial` and renamed when it is complete (`close` finishes the last,
+    shorter one), so a shard file that exists is whole. Byte-identical for the same samples (write_shard's
+    fixed headers)."""
+
+    def __init__(self, directory: str | Path, split: str, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"ShardSink: shard_size must be >= 1, got {shard_size}")
+        self.directory, self.split, self.shard_size = Path(directory), split, shard_size
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shards = 0
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+
+    def write(self, key: str, fields: dict[str, Any]) -> None:
+        self._pending.append((key, encode_sample(key, fields)))
+        if len(self._pending) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            encoded = [(key, {k: v for k, v in s.items() if k != "__key__"}) for key, s in self._pending]
+            write_shard(self.directory / shard_name(self.split, self.shards), encoded)
+            self.shards += 1
+            self._pending = []
+
+    def close(self) -> None:
+        self._flush()
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()

@@ -1,6 +1,7 @@
 """Stage `reference`: the real val set measured once for FID/KID/precision-recall — `<out>/reference.safetensors`
 (mu, sigma and the features KID and PR need) and `<out>/reference.json` (extractor, N, image size, the
-weights' sha256) — so the evaluate stage extracts features of generated images only.
+weights' sha256) — so the fidelity stages extract features of generated images only. The val images are
+streamed from their shards in batches.
 
 The extractor is `evaluate.fidelity.extractor`: `judge` (models/judge, trained here) or `inception-v3-compat`
 (torch-fidelity's Inception from a local weights file: the standard, published-comparable numbers).
@@ -13,7 +14,7 @@ import time
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.evaluation import load_images
+from pipeline.evaluation import image_subset
 from pipeline.metrics.fidelity import load_reference, reference_stats
 from pipeline.stage import MapJobs, stage_main
 from pipeline.train import resolve_device
@@ -42,8 +43,8 @@ def run(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     f = params.evaluate.fidelity
-    real, _ = load_images(images, "val", f.reference_images, f.seed)
-    log.info("reference: %d val images %s, extractor %s", len(real), real.shape[1:3], f.extractor)
+    real = image_subset(images, "val", f.reference_images, f.seed)
+    log.info("reference: %d val images, extractor %s", len(real), f.extractor)
     reference_stats(
         real,
         out,

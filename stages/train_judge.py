@@ -2,9 +2,12 @@
 (pipeline/models/judge.py) with the shared loop. Inception weights cannot be downloaded here, so FID/IS/KID/PR
 are measured in this network's features by default; its val accuracy says how much those numbers can mean.
 
-Training runs in `<out>.partial/` (resumed after a kill if the settings and the data are the same) and the
-final weights are promoted to `<out>/`, whose config.json also records the val accuracy. Metrics: val and
-train top-1, final loss, throughput.
+Training images are streamed from the train shards (pipeline/stream.py: one shard decoded at a time), and
+the accuracy checks read their images in batches, so memory does not grow with the dataset. Training runs in
+`<out>.partial/` (resumed after a kill if the settings and the data are the same) and the final weights are
+promoted to `<out>/`, whose config.json also records the val accuracy. Metrics: val and train top-1, final
+loss, throughput. With `evaluate.fidelity.extractor: inception-v3-compat` nothing reads a judge: the stage
+writes a marker saying so and trains nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params
-from pipeline.evaluation import load_images
+from pipeline.evaluation import subset_indices
 from pipeline.io import sha256_file
-from pipeline.models.judge import Judge, JudgeConfig, evaluate_accuracy, judge_batches, load_judge
+from pipeline.models.judge import (
+    Judge,
+    JudgeConfig,
+    evaluate_accuracy,
+    judge_batches,
+    load_judge,
+    write_unused_marker,
+)
 from pipeline.prepare import MANIFEST, manifest_classes, read_manifest
 from pipeline.runs import train_and_promote
+from pipeline.shards import ShardImages, count_samples, list_shards
 from pipeline.stage import MapJobs, stage_main
+from pipeline.stream import ShardStream
 from pipeline.train import rank_world
 from stages.train_gpt import train_params
 
@@ -61,30 +73,28 @@ def run(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     p = params.train_judge
-    classes = manifest_classes(read_manifest(images))
-    x_train, y_train = load_images(images, "train", p.max_images, p.train.seed)
-    cfg = judge_config(params, len(classes))
-    if x_train.shape[1:3] != (cfg.image_size, cfg.image_size):
-        log.info(
-            "train_judge: images are %s, the judge resizes them to %d", x_train.shape[1:3], cfg.image_size
+    if params.evaluate.fidelity.extractor != "judge":
+        reason = (
+            f"evaluate.fidelity.extractor is {params.evaluate.fidelity.extractor!r}: no stage reads a judge"
         )
+        write_unused_marker(out, reason)
+        log.info("train_judge: %s; wrote a marker to %s", reason, out)
+        return {"trained": 0, "seconds": time.perf_counter() - t0}
+    classes = manifest_classes(read_manifest(images))
+    train_shards = list_shards(images, "train")
+    n_train = sum(count_samples(s) for s in train_shards)
+    cfg = judge_config(params, len(classes))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.train.seed)  # the initial weights are a function of the seed alone
         model = Judge(cfg)
     rank, world = rank_world()
-    batches = judge_batches(
-        x_train,
-        y_train,
-        p.train.batch_size,
-        p.train.seed,
-        cfg.image_size,
-        flip=p.flip,
-        rank=rank,
-        world=world,
+    stream = ShardStream(
+        train_shards, {"image": "png", "label": "cls"}, p.train.batch_size, p.train.seed, rank, world
     )
+    batches = judge_batches(stream, cfg.image_size, p.train.seed, flip=p.flip)
     log.info(
         "train_judge: %d train images, %d classes, %.2fM parameters, %d steps of %d",
-        len(x_train),
+        n_train,
         cfg.num_classes,
         sum(t.numel() for t in model.parameters()) / 1e6,
         p.train.steps,
@@ -95,7 +105,6 @@ def run(
         "kind": "judge",
         "config": asdict(cfg),
         "flip": p.flip,
-        "max_images": p.max_images,
         "manifest_sha256": sha256_file(Path(images) / MANIFEST),
         "train_params": train_params(p.train),
     }
@@ -112,20 +121,20 @@ def run(
         return summary  # rank 0 alone evaluates the promoted weights
 
     judge = load_judge(out)
-    x_val, y_val = load_images(images, "val", None, 0)
-    val_top1 = evaluate_accuracy(judge, torch.from_numpy(x_val).permute(0, 3, 1, 2), torch.from_numpy(y_val))
-    k = min(TRAIN_ACC_IMAGES, len(x_train))
-    train_top1 = evaluate_accuracy(
-        judge, torch.from_numpy(x_train[:k]).permute(0, 3, 1, 2), torch.from_numpy(y_train[:k])
-    )
+    val = ShardImages(list_shards(images, "val"))
+    val_top1 = evaluate_accuracy(judge, val, val.labels)
+    # over-fitting check on a seeded subset of train (all of train costs another pass over the data)
+    train = ShardImages(train_shards, subset_indices(n_train, TRAIN_ACC_IMAGES, p.train.seed))
+    train_top1 = evaluate_accuracy(judge, train, train.labels)
     # Keep the accuracy with the weights: the evaluate stage reports it next to the numbers this judge makes.
     state, saved, _ = load_checkpoint(out)
-    save_checkpoint(out, state, {**saved, "val_top1": val_top1, "val_images": len(x_val)})
+    save_checkpoint(out, state, {**saved, "val_top1": val_top1, "val_images": len(val)})
     summary |= {
         "val_top1": val_top1,
         "train_top1": train_top1,
-        "train_images": len(x_train),
-        "val_images": len(x_val),
+        "trained": 1,
+        "train_images": n_train,
+        "val_images": len(val),
         "num_classes": cfg.num_classes,
         "image_size": cfg.image_size,
         "feature_dim": cfg.feature_dim,

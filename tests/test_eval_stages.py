@@ -1,5 +1,6 @@
-"""train_judge → reference → evaluate, end to end on tiny data made by the real upstream stages
-(prepare → extract → kmeans → train_vq → tokenize → train_gpt ×2 → train_renderer → sample ×2)."""
+"""train_judge → reference → the evaluation stages (fidelity, fidelity_real, class_match, probe, stability,
+upper_bound, compare), end to end on tiny data made by the real upstream stages (prepare → extract → kmeans →
+train_vq → tokenize → train_gpt ×2 → train_renderer → sample ×2)."""
 
 import csv
 import math
@@ -12,13 +13,13 @@ import torch
 from pipeline.config import Params, dump_params, with_overrides
 from pipeline.evaluation import (
     DigitStabilityTokenizer,
-    gpt_probe_features,
     load_images,
     read_subset,
     render_true_tokens,
     subset_indices,
     vq_reconstructions,
     vq_stability_tokenizer,
+    write_probe_features,
 )
 from pipeline.io import read_json
 from pipeline.metrics.fidelity import FidelityError, load_reference
@@ -26,20 +27,26 @@ from pipeline.models.gpt import load_gpt
 from pipeline.models.judge import evaluate_accuracy, judge_fingerprint, load_judge
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_model_range, to_uint8
-from pipeline.shards import iter_samples, list_shards
+from pipeline.shards import ShardImages, iter_samples, list_shards
 from pipeline.tokenizer import DigitTokenizer, encoder_from_params, load_centroids
 from stages import (
-    evaluate,
+    class_match,
+    compare,
     extract,
+    fidelity,
+    fidelity_real,
     kmeans,
     prepare,
+    probe,
     reference,
     sample,
+    stability,
     tokenize,
     train_gpt,
     train_judge,
     train_renderer,
     train_vq,
+    upper_bound,
 )
 
 from .conftest import chain_params
@@ -67,9 +74,47 @@ def _params(encoder, **kw) -> Params:
     )
 
 
+def eval_paths(root: Path) -> dict[str, dict[str, str]]:
+    """Every evaluation stage's paths into the chain's directory."""
+    r = {k: str(root / k) for k in ("images", "tokens", "kmeans", "vq", "renderer", "judge", "reference")}
+    out = {
+        "fidelity_real": {k: r[k] for k in ("images", "judge", "reference")},
+        "probe": {"tokens": r["tokens"]},
+        "stability": {k: r[k] for k in ("images", "tokens", "kmeans", "vq")}
+        | {"out": str(root / "stability.tsv")},
+        "upper_bound": {k: r[k] for k in ("images", "tokens", "vq", "renderer", "judge", "reference")}
+        | {"out": str(root / "upper"), "grid": str(root / "upper.png")},
+    }
+    for v in ("digit", "vq"):
+        out[f"fidelity_{v}"] = {"variant": v, "samples": str(root / f"samples_{v}"), "judge": r["judge"]}
+        out[f"fidelity_{v}"]["reference"] = r["reference"]
+        out[f"class_match_{v}"] = {"variant": v, "samples": str(root / f"samples_{v}"), "judge": r["judge"]}
+        out[f"probe_{v}"] = {
+            "variant": v,
+            "tokens": r["tokens"],
+            "gpt": str(root / f"gpt_{v}"),
+            "out": str(root / f"probe_{v}.tsv"),
+        }
+    return out
+
+
+STAGES = {
+    "fidelity_digit": fidelity,
+    "fidelity_vq": fidelity,
+    "fidelity_real": fidelity_real,
+    "class_match_digit": class_match,
+    "class_match_vq": class_match,
+    "probe_digit": probe,
+    "probe_vq": probe,
+    "stability": stability,
+    "upper_bound": upper_bound,
+}
+
+
 @pytest.fixture(scope="module")
 def chain(one_thread, encoder_dir, tmp_path_factory):
-    """Upstream artifacts (as tests/test_generation_stages.py builds them) + train_judge, reference, evaluate."""
+    """Upstream artifacts (as tests/test_generation_stages.py builds them) + train_judge, reference and every
+    evaluation stage; the stages' metrics are also written to <root>/metrics/<name>.json for compare."""
     root = tmp_path_factory.mktemp("eval")
     params = _params(encoder_dir)
     r = {k: str(root / k) for k in ("images", "features", "kmeans", "vq", "tokens", "renderer", "judge")}
@@ -100,25 +145,12 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
         "reference": reference.run(params, r["images"], r["judge"], str(root / "reference")),
     }
     paths = eval_paths(root)
-    m["evaluate"] = evaluate.run(params, **paths)
+    (root / "metrics").mkdir()
+    for name, stage in STAGES.items():
+        m[name] = stage.run(params, **paths[name])
+        (root / "metrics" / f"{name}.json").write_text(__import__("json").dumps(m[name]))
+    m["compare"] = compare.run(params, metrics_dir=str(root / "metrics"))
     return root, params, m, paths
-
-
-def eval_paths(root: Path, out: str = "eval") -> dict[str, str]:
-    return {
-        "images": str(root / "images"),
-        "tokens": str(root / "tokens"),
-        "kmeans": str(root / "kmeans"),
-        "vq": str(root / "vq"),
-        "gpt_digit": str(root / "gpt_digit"),
-        "gpt_vq": str(root / "gpt_vq"),
-        "renderer": str(root / "renderer"),
-        "samples_digit": str(root / "samples_digit"),
-        "samples_vq": str(root / "samples_vq"),
-        "judge": str(root / "judge"),
-        "reference": str(root / "reference"),
-        "out": str(root / out),
-    }
 
 
 def _tsv(path):
@@ -177,94 +209,97 @@ def test_reference_with_inception_needs_a_local_weights_file(chain, tmp_path):
     assert not (tmp_path / "ref").exists()
 
 
-# --- evaluate ------------------------------------------------------------------------------------------
+# --- the evaluation stages ---------------------------------------------------------------------------
 
 
 FIDELITY = ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "n")
-SETS = ("digit", "vq", "real", "upper_digit_renderer", "upper_vq_recon", "upper_real")
 
 
-def expected_keys() -> list[str]:
-    keys = [f"{s}_{k}" for s in SETS for k in FIDELITY]
-    for v in ("digit", "vq"):
-        keys += [f"{v}_probe_{k}" for k in ("top1", "best_layer", "holdout_top1", "weight_decay", "layers")]
-        keys += [f"{v}_change_rate_{snr}db" for snr in SNRS] + [f"{v}_cosine_{snr}db" for snr in SNRS]
-        keys += [f"{v}_mean_change_rate", f"{v}_mean_cosine", f"{v}_probe_top1_last_layer"]
-        keys += [f"{v}_gpt_{k}" for k in ("temperature", "top_k", "top_p", "cfg_scale")]
-        keys += [f"{v}_sample_seed", f"{v}_sample_batch_invariant"]
-    keys += [f"digit_renderer_{k}" for k in ("temperature", "top_k", "top_p")]
-    keys += [f"upper_renderer_{k}" for k in ("temperature", "top_k", "top_p")]
-    keys += ["reference_n", "image_size", "judge_val_top1", "upper_bound_images", "upper_bound_seed"]
-    keys += ["probe_train_images", "probe_val_images", "probe_seed", "probe_chance_top1"]
-    keys += ["stability_images", "stability_seed", "stability_clean_agreement", "fidelity_seed"]
-    keys += ["digit_fid_over_vq_fid", "digit_is_over_vq_is", "digit_fid_over_real_fid", "probe_top1_delta"]
-    keys += ["upper_renderer_fid_over_vq_recon_fid", "upper_fid_over_real_fid", "change_rate_ratio"]
-    keys += ["seconds", "fidelity_seconds", "upper_bound_seconds", "probe_seconds", "stability_seconds"]
-    return keys
-
-
-def test_evaluate_reports_every_metric_finite(chain):
-    _, _, m, _ = chain
-    metrics = m["evaluate"]
-    missing = [k for k in expected_keys() if k not in metrics]
-    assert not missing, missing
+def _finite(metrics: dict) -> None:
     for key, value in metrics.items():
         assert isinstance(value, (int, float, str)), key
         if not isinstance(value, str):
             assert math.isfinite(value), key
-    assert metrics["extractor"] == "judge" and metrics["reference_n"] == N_VAL
+
+
+def test_fidelity_of_each_sample_set_and_the_real_floor(chain):
+    _, _, m, _ = chain
     for s in ("digit", "vq", "real"):
+        metrics = m[f"fidelity_{s}"]
+        _finite(metrics)
+        assert all(f"{s}_{k}" in metrics for k in FIDELITY), metrics
         assert metrics[f"{s}_n"] == N_SAMPLES and metrics[f"{s}_fid"] >= 0
         assert 1.0 <= metrics[f"{s}_is"] <= CLASSES and 0 <= metrics[f"{s}_precision"] <= 1
-    # upper bounds: 200 by default, capped by the 12 val images; their floor at the same N
-    assert metrics["upper_bound_images"] == metrics["upper_digit_renderer_n"] == N_VAL
-    assert metrics["upper_vq_recon_n"] == metrics["upper_real_n"] == N_VAL
-    assert metrics["judge_val_top1"] == m["judge"]["val_top1"]
-    # knobs come from the samples' meta.json and params.sample.renderer
-    assert metrics["digit_gpt_top_k"] == 100 and metrics["digit_renderer_top_p"] == 0.5
-    assert metrics["upper_renderer_top_p"] == 0.5 and metrics["vq_gpt_cfg_scale"] == 1.0
-    assert metrics["digit_fid_over_vq_fid"] == pytest.approx(metrics["digit_fid"] / metrics["vq_fid"])
-    assert metrics["probe_top1_delta"] == pytest.approx(
-        metrics["digit_probe_top1"] - metrics["vq_probe_top1"]
+    # knobs come from the samples' meta.json (what was used)
+    assert (
+        m["fidelity_digit"]["digit_gpt_top_k"] == 100 and m["fidelity_digit"]["digit_renderer_top_p"] == 0.5
     )
+    assert m["fidelity_vq"]["vq_gpt_cfg_scale"] == 1.0 and m["fidelity_digit"]["extractor"] == "judge"
 
 
-def test_class_top1_scores_images_against_the_class_they_were_drawn_for(chain):
-    _, _, m, paths = chain
-    metrics = m["evaluate"]
-    assert "vq_class_top1" not in metrics  # this chain's VQ GPT is unconditional: nothing was asked for
-    for key in ("digit_class_top1", "upper_digit_renderer_class_top1", "upper_vq_recon_class_top1"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    images, labels = load_images(paths["images"], "val")
-    judge = load_judge(paths["judge"])
-    right = evaluate.class_top1("x", images, labels, judge)["x_class_top1"]
+def test_streamed_fidelity_equals_fidelity_of_the_images_in_ram(chain):
+    root, params, m, paths = chain
+    from pipeline.metrics.fidelity import compute_fidelity
+
+    images = np.stack([s["png"] for s in iter_samples(list_shards(root / "samples_digit", "samples"))])
+    f = params.evaluate.fidelity
+    in_ram = compute_fidelity(
+        images,
+        reference=paths["fidelity_digit"]["reference"],
+        judge_dir=paths["fidelity_digit"]["judge"],
+        kid_subsets=f.kid_subsets,
+        isc_splits=f.isc_splits,
+        seed=f.seed,
+        batch_size=f.batch_size,
+        device="cpu",
+        verbose=False,
+    )
+    assert m["fidelity_digit"]["digit_fid"] == pytest.approx(in_ram["fid"], rel=1e-6)
+    assert m["fidelity_digit"]["digit_kid"] == pytest.approx(in_ram["kid_mean"], rel=1e-6, abs=1e-9)
+
+
+def test_class_match_scores_samples_against_the_class_they_were_drawn_for(chain):
+    root, _, m, paths = chain
+    assert m["class_match_vq"] == {
+        "vq_class_conditional": 0,
+        "vq_class_n": N_SAMPLES,
+        "seconds": pytest.approx(m["class_match_vq"]["seconds"]),
+    }
+    digit = m["class_match_digit"]
+    assert digit["digit_class_conditional"] == 1 and 0.0 <= digit["digit_class_top1"] <= 1.0
+    judge = load_judge(paths["class_match_digit"]["judge"])
+    drawn = ShardImages(list_shards(root / "samples_digit", "samples"))
+    assert drawn.labels.tolist() == [i % CLASSES for i in range(N_SAMPLES)]
+    assert digit["digit_class_top1"] == pytest.approx(evaluate_accuracy(judge, drawn, drawn.labels))
+    images, labels = load_images(root / "images", "val")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    right = evaluate_accuracy(judge, x, labels)
     assert right == pytest.approx(m["judge"]["val_top1"])  # real val images: the judge's own val accuracy
-    wrong = evaluate.class_top1("x", images, (labels + 1) % CLASSES, judge)["x_class_top1"]
-    assert wrong <= 1.0 - right
-    unconditional = np.full_like(labels, sample.NO_CLASS)
-    assert evaluate.class_top1("x", images, unconditional, judge) == {}
+    assert evaluate_accuracy(judge, x, (labels + 1) % CLASSES) <= 1.0 - right
 
 
 def test_probe_tsv_matches_the_metrics(chain):
     root, _, m, _ = chain
-    rows = _tsv(root / "eval" / evaluate.PROBE_TSV)
-    assert list(rows[0]) == ["layer", "digit", "vq"] and [int(r["layer"]) for r in rows] == [1, 2]
-    metrics = m["evaluate"]
     for v in ("digit", "vq"):
+        metrics = m[f"probe_{v}"]
+        _finite(metrics)
+        rows = _tsv(root / f"probe_{v}.tsv")
+        assert list(rows[0]) == ["layer", "top1"] and [int(r["layer"]) for r in rows] == [1, 2]
         best = metrics[f"{v}_probe_best_layer"]
         assert best in (1, 2) and metrics[f"{v}_probe_layers"] == 2
-        assert float(rows[best - 1][v]) == pytest.approx(metrics[f"{v}_probe_top1"], abs=1e-6)
-        assert float(rows[-1][v]) == pytest.approx(metrics[f"{v}_probe_top1_last_layer"], abs=1e-6)
-        assert all(0.0 <= float(r[v]) <= 1.0 for r in rows)
-    assert metrics["probe_train_images"] == N_TRAIN and metrics["probe_val_images"] == N_VAL
+        assert float(rows[best - 1]["top1"]) == pytest.approx(metrics[f"{v}_probe_top1"], abs=1e-6)
+        assert float(rows[-1]["top1"]) == pytest.approx(metrics[f"{v}_probe_top1_last_layer"], abs=1e-6)
+        assert metrics["probe_train_images"] == N_TRAIN and metrics["probe_val_images"] == N_VAL
+    assert not (root / "probe_digit.tsv.tmp").exists()  # the streamed features are scratch
 
 
 def test_stability_tsv_rows_and_trend(chain):
     root, _, m, _ = chain
-    rows = _tsv(root / "eval" / evaluate.STABILITY_TSV)
+    rows = _tsv(root / "stability.tsv")
     assert list(rows[0]) == ["snr_db", "digit_change_rate", "vq_change_rate", "digit_cosine", "vq_cosine"]
     assert [float(r["snr_db"]) for r in rows] == list(SNRS)
-    metrics = m["evaluate"]
+    metrics = m["stability"]
+    _finite(metrics)
     for r, snr in zip(rows, SNRS, strict=True):
         for v in ("digit", "vq"):
             assert float(r[f"{v}_change_rate"]) == pytest.approx(
@@ -280,35 +315,91 @@ def test_stability_tsv_rows_and_trend(chain):
     assert metrics["stability_clean_agreement"] >= 0.9
 
 
-def test_upper_bound_grid_and_reproducible_rerun_via_cli(chain, tmp_path, monkeypatch):
+def test_upper_bound_images_metrics_and_grid(chain):
+    root, _, m, _ = chain
+    metrics = m["upper_bound"]
+    _finite(metrics)
+    # 100 by default, capped by the 12 val images; their floor at the same N
+    assert metrics["upper_bound_images"] == metrics["upper_digit_renderer_n"] == N_VAL
+    assert metrics["upper_vq_recon_n"] == metrics["upper_real_n"] == N_VAL
+    assert metrics["upper_renderer_top_p"] == 0.5
+    for name in ("digit_renderer", "vq_recon"):
+        assert 0.0 <= metrics[f"upper_{name}_class_top1"] <= 1.0
+        made = ShardImages(list_shards(root / "upper", name))
+        val = {s["__key__"]: s["cls"] for s in iter_samples(list_shards(root / "images", "val"))}
+        assert len(made) == N_VAL and made.labels.tolist() == [val[k] for k in made.keys]
+    vq = load_pixel_vq(root / "vq")
+    recon = ShardImages(list_shards(root / "upper", "vq_recon"))
+    first = next(
+        s for s in iter_samples(list_shards(root / "images", "val")) if s["__key__"] == recon.keys[0]
+    )
+    expected = to_uint8(vq.reconstruct(to_model_range(first["png"][None])))[0]
+    # batched decode (the default) may differ from a one-image decode in the last bit of a pixel
+    got = recon[0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= 1
+    assert (root / "upper.png").is_file() and not (root / "upper.tmp").exists()
+
+
+def test_compare_ratios_follow_from_the_stage_metrics(chain):
+    _, _, m, _ = chain
+    c = m["compare"]
+    _finite(c)
+    digit, vq = m["fidelity_digit"], m["fidelity_vq"]
+    assert c["digit_fid_over_vq_fid"] == pytest.approx(digit["digit_fid"] / vq["vq_fid"])
+    assert c["probe_top1_delta"] == pytest.approx(
+        m["probe_digit"]["digit_probe_top1"] - m["probe_vq"]["vq_probe_top1"]
+    )
+    assert c["change_rate_ratio"] == pytest.approx(
+        m["stability"]["digit_mean_change_rate"] / m["stability"]["vq_mean_change_rate"]
+    )
+
+
+def test_stage_reruns_via_cli_are_reproducible(chain, tmp_path, monkeypatch):
     root, params, m, paths = chain
-    assert (root / "eval" / evaluate.UPPER_GRID).is_file()
-    assert not (root / "eval.tmp").exists()
     dump_params(params, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    argv = ["--params", "params.yaml"]
-    for key, value in eval_paths(root, str(tmp_path / "eval2")).items():
-        argv += [f"--{key.replace('_', '-')}", value]
-    assert evaluate.main(argv) == 0
-    again = read_json(tmp_path / "metrics/eval.json")
-    first = m["evaluate"]
-    timing = {k for k in first if k.endswith("seconds")}
-    assert {k: v for k, v in again.items() if k not in timing} == {
-        k: v for k, v in first.items() if k not in timing
-    }
-    for name in (evaluate.PROBE_TSV, evaluate.STABILITY_TSV, evaluate.UPPER_GRID):
-        assert (tmp_path / "eval2" / name).read_bytes() == (root / "eval" / name).read_bytes(), name
+    for name in ("upper_bound", "probe_digit"):
+        argv = ["--params", "params.yaml", "--metrics", str(tmp_path / f"{name}.json")]
+        for key, value in paths[name].items():
+            if key in ("out", "grid"):
+                value = str(tmp_path / Path(value).name)
+            argv += [f"--{key.replace('_', '-')}", value]
+        assert STAGES[name].main(argv) == 0
+        again = read_json(tmp_path / f"{name}.json")
+        assert {k: v for k, v in again.items() if k != "seconds"} == {
+            k: v for k, v in m[name].items() if k != "seconds"
+        }
+    assert (tmp_path / "probe_digit.tsv").read_bytes() == (root / "probe_digit.tsv").read_bytes()
+    for shard in list_shards(root / "upper", "digit_renderer"):
+        assert (tmp_path / "upper" / shard.name).read_bytes() == shard.read_bytes()
 
 
-def test_evaluate_names_the_missing_stage(chain, tmp_path):
+def test_stages_name_what_is_missing(chain, tmp_path):
     root, params, _, paths = chain
     with pytest.raises(FileNotFoundError, match=r"samples_vq: vq samples not found .*stages.sample"):
-        evaluate.run(
-            params, **{**paths, "samples_vq": str(tmp_path / "samples_vq"), "out": str(tmp_path / "e")}
-        )
+        fidelity.run(params, **{**paths["fidelity_vq"], "samples": str(tmp_path / "samples_vq")})
     with pytest.raises(FileNotFoundError, match=r"reference statistics not found .*stages.reference"):
-        evaluate.run(params, **{**paths, "reference": str(tmp_path / "ref"), "out": str(tmp_path / "e")})
-    assert not (tmp_path / "e").exists() and not (tmp_path / "e.tmp").exists()
+        fidelity.run(params, **{**paths["fidelity_digit"], "reference": str(tmp_path / "ref")})
+    with pytest.raises(FileNotFoundError, match=r"renderer not found .*stages.train_renderer"):
+        upper_bound.run(
+            params, **{**paths["upper_bound"], "renderer": str(tmp_path / "r"), "out": str(tmp_path / "u")}
+        )
+    with pytest.raises(
+        FileNotFoundError, match=r"metrics of fidelity_digit, .*probe_vq, .*stages.probe --variant vq"
+    ):
+        compare.run(params, metrics_dir=str(tmp_path))
+    assert not (tmp_path / "u").exists() and not (tmp_path / "u.tmp").exists()
+
+
+def test_without_a_judge_nothing_is_trained_and_class_match_says_so(chain, tmp_path):
+    root, params, _, paths = chain
+    inception = with_overrides(params, {"evaluate.fidelity.extractor": "inception-v3-compat"})
+    out = tmp_path / "judge"
+    metrics = train_judge.run(inception, str(root / "images"), str(out), None)
+    assert metrics["trained"] == 0 and sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert "inception-v3-compat" in read_json(out / "config.json")["reason"]
+    got = class_match.run(params, **{**paths["class_match_digit"], "judge": str(out)})
+    assert got["digit_class_conditional"] == 0 and "digit_class_top1" not in got
 
 
 # --- library pieces (pipeline/evaluation.py) ------------------------------------------------------------
@@ -331,15 +422,17 @@ def test_subsets_are_seeded_sorted_and_indexed(chain):
         np.testing.assert_array_equal(s["png"], everything[s["__index__"]]["png"])
 
 
-def test_probe_features_are_label_free_block_means(chain):
+def test_probe_features_are_label_free_block_means(chain, tmp_path):
     root, _, _, _ = chain
     gpt = load_gpt(root / "gpt_digit")
     assert gpt.config.num_classes == CLASSES  # class-conditional: the label must not leak
     rows = read_subset(list_shards(root / "tokens", "val"), 5, 0)
     ids = torch.from_numpy(np.stack([s["digit.npy"] for s in rows]).astype(np.int64)).view(5, -1)
-    feats = gpt_probe_features(gpt, ids, batch_size=2, progress=False)
+    files = write_probe_features(gpt, [ids[:2], ids[2:]], tmp_path, "val", progress=False)
+    feats = [torch.cat([c for _, c in f.chunks(100)]) for f in files]
     hidden = gpt.eval().forward_features(ids, labels=None)
     assert len(feats) == 2 and feats[0].shape == (5, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val-layer01.f32", "val-layer02.f32"]
     for f, h in zip(feats, hidden, strict=True):
         torch.testing.assert_close(f, h.mean(dim=1), rtol=1e-5, atol=1e-6)
     with_labels = gpt.forward_features(ids, labels=torch.arange(5))[-1].mean(dim=1)
@@ -373,7 +466,7 @@ def test_upper_bound_images_are_per_index_and_batch_free(chain):
     rows = read_subset(list_shards(root / "tokens", "val"), 5, 0)
     digit = torch.from_numpy(np.stack([s["digit.npy"] for s in rows]).astype(np.int64)).view(5, -1)
     indices = [s["__index__"] for s in rows]
-    kw = dict(top_p=0.8, progress=False)
+    kw = dict(top_p=0.8, progress=False, batch_invariant=True)
     full = render_true_tokens(renderer, vq, digit, (4, 4), indices, 7, batch_size=5, **kw)
     assert full.shape == (5, 32, 32, 3) and full.dtype == np.uint8
     np.testing.assert_array_equal(
@@ -383,5 +476,5 @@ def test_upper_bound_images_are_per_index_and_batch_free(chain):
     alone = render_true_tokens(renderer, vq, digit[3:4], (4, 4), indices[3:4], 7, batch_size=1, **kw)
     np.testing.assert_array_equal(alone[0], full[3])
     images = _val_images(root, 5)
-    recon = vq_reconstructions(vq, images, batch_size=2, progress=False)
+    recon = vq_reconstructions(vq, images, batch_size=2, batch_invariant=True, progress=False)
     np.testing.assert_array_equal(recon[1], to_uint8(vq.reconstruct(to_model_range(images[1:2])))[0])

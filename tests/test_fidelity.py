@@ -26,6 +26,8 @@ from pipeline.models.judge import (
     save_judge,
     to_judge_input,
 )
+from pipeline.shards import write_shard
+from pipeline.stream import ShardStream
 
 # Four trivially separable classes: solid colours, jittered per image, plus pixel noise.
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=np.float32)
@@ -56,12 +58,24 @@ def brighten(images: np.ndarray, amount: int) -> np.ndarray:
     return np.clip(images.astype(np.int16) + amount, 0, 255).astype(np.uint8)
 
 
-def train_tiny_judge(seed: int, steps: int = 60) -> Judge:
+def colour_stream(tmp_dir, n: int, seed: int, batch: int, rank: int = 0, world: int = 1) -> ShardStream:
+    """colour_images written to two shards and streamed back the way train_judge reads its images."""
+    images, labels = colour_images(n, seed=seed)
+    half = n // 2
+    for i, (a, b) in enumerate(((0, half), (half, n))):
+        write_shard(
+            tmp_dir / f"train-{i:05d}.tar",
+            ((f"img_{j:05d}", {"png": images[j], "cls": int(labels[j])}) for j in range(a, b)),
+        )
+    shards = sorted(tmp_dir.glob("train-*.tar"))
+    return ShardStream(shards, {"image": "png", "label": "cls"}, batch, seed, rank, world)
+
+
+def train_tiny_judge(seed: int, tmp_dir, steps: int = 60) -> Judge:
     """A minimal loop (the shared pipeline/train.py is not needed for a 60-step fit)."""
     torch.manual_seed(seed)
     model = Judge(TINY)
-    images, labels = colour_images(256, seed=100 + seed)
-    batches = judge_batches(images, labels, batch_size=32, seed=seed, image_size=TINY.image_size)(0)
+    batches = judge_batches(colour_stream(tmp_dir, 256, 100 + seed, 32), TINY.image_size, seed)(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         loss, logs = model.training_loss(next(batches))
@@ -73,7 +87,7 @@ def train_tiny_judge(seed: int, steps: int = 60) -> Judge:
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    model = train_tiny_judge(seed=0)
+    model = train_tiny_judge(seed=0, tmp_dir=tmp_path_factory.mktemp("judge_shards"))
     images, labels = colour_images(64, seed=999)
     chw = torch.from_numpy(images).permute(0, 3, 1, 2)
     assert evaluate_accuracy(model, chw, torch.from_numpy(labels)) == 1.0
@@ -118,16 +132,22 @@ def test_to_judge_input_range_and_resize():
         to_judge_input(x.float(), 8)
 
 
-def test_judge_batches_deterministic_and_rank_split():
-    images, labels = colour_images(50, seed=3)
-    full = next(judge_batches(images, labels, 8, seed=1, image_size=16)(7))
-    again = next(judge_batches(images, labels, 8, seed=1, image_size=16)(7))
+def test_judge_batches_deterministic_and_rank_split(tmp_path):
+    def batch(step, rank=0, world=1):
+        stream = colour_stream(tmp_path, 50, 3, 8, rank, world)
+        return next(judge_batches(stream, 16, seed=1)(step))
+
+    full, again = batch(7), batch(7)
+    assert full["image"].shape == (8, 3, 16, 16) and full["image"].dtype == torch.float32
     assert torch.equal(full["image"], again["image"]) and torch.equal(full["label"], again["label"])
-    r0 = next(judge_batches(images, labels, 8, seed=1, image_size=16, rank=0, world=2)(7))
-    r1 = next(judge_batches(images, labels, 8, seed=1, image_size=16, rank=1, world=2)(7))
-    assert torch.equal(r0["image"], full["image"][0::2]) and torch.equal(r1["label"], full["label"][1::2])
-    assert not torch.equal(
-        next(judge_batches(images, labels, 8, seed=1, image_size=16)(8))["image"], full["image"]
+    r0, r1 = batch(7, 0, 2), batch(7, 1, 2)  # each rank takes its half of the global batch, flips included
+    assert torch.equal(torch.cat([r0["image"], r1["image"]]), full["image"])
+    assert torch.equal(torch.cat([r0["label"], r1["label"]]), full["label"])
+    assert not torch.equal(batch(8)["image"], full["image"])
+    flipped = judge_batches(colour_stream(tmp_path, 50, 3, 8), 16, seed=1, flip=False)(7)
+    plain = next(flipped)["image"]
+    assert any(
+        torch.equal(a, b.flip(2)) and not torch.equal(a, b) for a, b in zip(full["image"], plain, strict=True)
     )
 
 

@@ -88,3 +88,24 @@ def test_clear_errors():
         linear_probe(torch.full((50, 4), float("nan")), y, x, y, FAST)
     with pytest.raises(ValueError, match="features_per_layer is empty"):
         probe_layers([], y, y)
+
+
+def test_disk_features_in_small_chunks_equal_the_in_ram_probe(tmp_path):
+    from pipeline.metrics.probe import FeatureFile
+
+    tx, ty = _blobs(250, 12, 5, 1.5, seed=10)
+    vx, vy = _blobs(120, 12, 5, 1.5, seed=11)
+    in_ram = linear_probe(tx, ty, vx, vy, FAST)
+    train, val = FeatureFile(tmp_path / "train.f32", 12), FeatureFile(tmp_path / "val.f32", 12)
+    for i in range(0, 250, 40):  # written in batches, as the probe stage writes them
+        train.append(tx[i : i + 40])
+    val.append(vx)
+    assert len(train) == 250 and (tmp_path / "train.f32").stat().st_size == 250 * 12 * 4
+    chunked = ProbeConfig(weight_decays=FAST.weight_decays, max_iter=50, seed=0, chunk_rows=33)
+    streamed = linear_probe(train, ty, val, vy, chunked)
+    # the same full-batch L-BFGS; only the summation order of the loss and gradient differs
+    assert streamed.weight_decay == in_ram.weight_decay
+    assert streamed.val_top1 == pytest.approx(in_ram.val_top1, abs=1 / 120)
+    assert streamed.holdout_top1 == pytest.approx(in_ram.holdout_top1, abs=1 / 50)
+    with pytest.raises(ValueError, match=r"expected rows \[B, 12\]"):
+        train.append(torch.zeros(3, 5))

@@ -13,6 +13,7 @@ turns uint8 images (what torch-fidelity hands a feature extractor) into that.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-from pipeline.checkpoint import MODEL_FILE, load_model, save_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, load_model, save_checkpoint
+from pipeline.io import promote
+from pipeline.stream import ShardStream
 
 CHECKPOINT_KIND = "judge"
 
@@ -144,44 +148,30 @@ def to_judge_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def judge_batches(
-    images: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor,
-    batch_size: int,
-    seed: int,
-    image_size: int,
-    flip: bool = True,
-    rank: int = 0,
-    world: int = 1,
+    stream: ShardStream, image_size: int, seed: int, flip: bool = True
 ) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """Training batches for the shared loop: `batches(start_step)` yields {"image", "label"} for steps
-    start_step, start_step + 1, ...; uint8 images [N, H, W, 3], labels [N].
+    start_step, start_step + 1, ... from a ShardStream of {"image": "png", "label": "cls"} (images streamed
+    from the shards one shard at a time, so memory does not grow with the dataset).
 
-    Step s draws a global batch of `batch_size` indices (with replacement) and flips from a generator seeded
-    by (seed, s) alone, and this rank takes every world-th row: resume and any world size see the same data.
-    Horizontal flips are label-preserving here (shape classes are defined up to rotation and reflection)."""
-    images = torch.as_tensor(images)
-    labels = torch.as_tensor(labels).long()
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"judge_batches: expected uint8 images [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
-        )
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"judge_batches: labels must be [{images.shape[0]}], got {tuple(labels.shape)}")
-    if batch_size % world:
-        raise ValueError(f"judge_batches: batch_size {batch_size} is not divisible by world size {world}")
-    n = images.shape[0]
+    The stream's global batch of step s is a function of (seed, s) and this rank takes its slice; the flips
+    of step s are drawn for the whole global batch from a generator seeded by (seed, s) and sliced the same
+    way, so resume and any world size see the same data. Horizontal flips are label-preserving here (shape
+    classes are defined up to rotation and reflection)."""
+    per_rank = stream.global_batch // stream.world
 
     def batches(start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         step = start_step
         while True:
+            b = stream.batch(step)
             state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
             g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-            idx = torch.randint(0, n, (batch_size,), generator=g)[rank::world]
-            flips = (torch.rand(batch_size, generator=g) < 0.5)[rank::world]
-            x = to_judge_input(images[idx].permute(0, 3, 1, 2), image_size)
+            flips = torch.rand(stream.global_batch, generator=g) < 0.5
+            flips = flips[stream.rank * per_rank : (stream.rank + 1) * per_rank]
+            x = to_judge_input(b["image"].permute(0, 3, 1, 2), image_size)
             if flip:
                 x = torch.where(flips[:, None, None, None], x.flip(3), x)
-            yield {"image": x, "label": labels[idx]}
+            yield {"image": x, "label": b["label"]}
             step += 1
 
     return batches
@@ -189,22 +179,50 @@ def judge_batches(
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: Judge, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+    model: Judge, images: torch.Tensor | Dataset, labels: torch.Tensor | np.ndarray, batch_size: int = 256
 ) -> float:
-    """Top-1 accuracy of the judge on uint8 images [N, 3, H, W] (eval mode; restores the previous mode)."""
+    """Top-1 accuracy of the judge on uint8 images [N, 3, H, W] (a tensor, or a Dataset of [3, H, W] items
+    read in batches) against labels [N] (eval mode; restores the previous mode)."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x = to_judge_input(images[i : i + batch_size], model.config.image_size)
-        correct += (model.logits(x).argmax(dim=1) == labels[i : i + batch_size]).sum().item()
+    labels = torch.as_tensor(labels)
+    device = next(model.parameters()).device
+    loader = DataLoader(images, batch_size=batch_size) if isinstance(images, Dataset) else None
+    batches = (
+        loader
+        if loader is not None
+        else (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    )
+    correct, seen = 0, 0
+    for x in batches:
+        x = to_judge_input(x.to(device), model.config.image_size)
+        y = labels[seen : seen + len(x)].to(device)
+        correct += (model.logits(x).argmax(dim=1) == y).sum().item()
+        seen += len(x)
     model.train(was_training)
-    return correct / max(len(images), 1)
+    return correct / max(seen, 1)
 
 
 def save_judge(directory: str | Path, model: Judge, extra: dict | None = None) -> Path:
     meta = {"kind": CHECKPOINT_KIND, "config": asdict(model.config), **(extra or {})}
     return save_checkpoint(directory, model.state_dict(), meta)
+
+
+def judge_is_trained(directory: str | Path) -> bool:
+    """False for the marker train_judge writes when the params use no judge (the Inception extractor)."""
+    return (Path(directory) / MODEL_FILE).is_file()
+
+
+def write_unused_marker(directory: str | Path, reason: str) -> Path:
+    """A judge directory that says no judge was trained, and why (a DVC output that costs nothing)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / CONFIG_FILE).write_text(
+        json.dumps({"kind": CHECKPOINT_KIND, "trained": False, "reason": reason}, indent=2) + "\n"
+    )
+    promote(tmp, directory)
+    return directory
 
 
 def load_judge(directory: str | Path, map_location: str = "cpu") -> Judge:
