@@ -102,9 +102,9 @@ class Crop(Section):
 class Extract(Section):
     """The K-Means input: patch features of a seeded sample of train images, each as one K-Means view."""
 
-    batch_size: int = Field(64, ge=1, description="images per encoder forward")
+    batch_size: int = Field(256, ge=1, description="images per encoder forward")
     sample: int | float = Field(
-        1.0, description="train images stored: a fraction in (0, 1] (float) or a count >= 1 (int)"
+        0.25, description="train images stored: a fraction in (0, 1] (float) or a count >= 1 (int)"
     )
     seed: int = Field(0, ge=0, description="which images are sampled, and each image's crop")
     view: Literal["random", "center"] = Field(

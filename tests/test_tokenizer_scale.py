@@ -1,7 +1,9 @@
 """The tokenizer data path as it runs at scale: rank-sharded extract and tokenize under torchrun (gloo) give
 the bytes of one process, and the paper's shapes (DINOv2-B/14 at 224, 256 patches × 768) run end to end."""
 
+import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -117,6 +119,49 @@ def test_two_ranks_write_the_bytes_of_one_process(one_thread, encoder_dir, tmp_p
         out=str(tmp_path / "tokens_here"),
     )
     assert _tree(tmp_path / "tokens_here") == one
+
+
+def _pool_map(fn, jobs, out_dir):
+    """A map_jobs that runs every job in a fresh daemonic process (spawn: nothing inherited, everything
+    pickled), as a Dask worker would; results come back in job order."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        return pool.starmap(fn, [(job, out_dir) for job in jobs])
+
+
+def test_shard_jobs_run_in_other_processes(one_thread, encoder_dir, tmp_path, monkeypatch):
+    """The map_jobs contract of pipeline/stage.py: job functions and jobs pickle, models load per process,
+    and DataLoader workers are not started inside a daemonic worker (Dask's are daemonic)."""
+    params = tiny_params(
+        encoder__weights=str(encoder_dir),
+        extract__sample=0.5,
+        extract__chunk_images=5,
+        extract__workers=1,
+        kmeans__k=8,
+        kmeans__sample_patches=150,
+        tokenize__views=2,
+        tokenize__workers=1,
+        tokenize__batch_size=4,
+        **TINY_VQ,
+    )
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    prepare.run(params, out=str(tmp_path / "images"))
+    train_vq.run(params, images=str(tmp_path / "images"), out=str(tmp_path / "vq"), curves=None)
+    images = str(tmp_path / "images")
+    extract.run(params, images=images, out=str(tmp_path / "f_loop.zarr"))
+    m = extract.run(params, images=images, out=str(tmp_path / "f_pool.zarr"), map_jobs=_pool_map)
+    assert m["chunks"] == 3 and _tree(tmp_path / "f_loop.zarr") == _tree(tmp_path / "f_pool.zarr")
+    kmeans.run(params, features=str(tmp_path / "f_loop.zarr"), out=str(tmp_path / "kmeans"))
+    paths = dict(kmeans=str(tmp_path / "kmeans"), images=images, vq=str(tmp_path / "vq"))
+    loop = tokenize.run(params, out=str(tmp_path / "t_loop"), **paths)
+    pool = tokenize.run(params, out=str(tmp_path / "t_pool"), map_jobs=_pool_map, **paths)
+    assert _tree(tmp_path / "t_loop") == _tree(tmp_path / "t_pool")
+    assert {k: v for k, v in loop.items() if k != "seconds"} == {
+        k: v for k, v in pool.items() if k != "seconds"
+    }
+    job = tokenize.functools.partial(tokenize.tokenize_shard, None)
+    assert pickle.loads(pickle.dumps(job)).func is tokenize.tokenize_shard  # module-level: pickled by name
 
 
 def test_imagenet_shaped_tokenizer_runs_end_to_end(one_thread, tmp_path):

@@ -133,7 +133,7 @@ def test_store_holds_exactly_the_sampled_images(chain, encoder_dir):
     assert [str(k) for k in store["train/keys"][:]] == [manifest[r]["key"] for r in rows]
     assert store["train/labels"][:].tolist() == [manifest[r]["label"] for r in rows]
     # Each stored row is the encoder's features of that image's K-Means view (crop seeded by (seed, row)),
-    # computed in the stage's batches (chunks of 4, batches of 64).
+    # computed in the stage's batches (chunks of 4 images, each one batch).
     encoder = encoder_from_params(params.encoder, params.base)
     plan = ViewPlan(count=1, centre=0, crop=CropSpec(), seed=0, stream=EXTRACT_STREAM)
     train = _images(root, "train")
