@@ -6,8 +6,8 @@ Writes a small SSL-layout encoder (the pipeline's default ViT: patch 8, dim 192,
 random init) and real image shards (`stages.prepare.run`, built-in data) into a temp dir, then prints,
 all measured in this run:
 
-  (b) throughput  `stages.extract.run` images/s (read + PNG decode + preprocess + forward + float16 +
-      Zarr write) vs the same encoder object's forward alone on random tensors of the same batch shape
+  (b) throughput  `stages.extract.run` images/s (read + PNG decode + K-Means view crop + preprocess +
+      forward + float16 + Zarr write; every train image is sampled, extract.sample = 1.0) vs the same encoder object's forward alone on random tensors of the same batch shape
       and thread count: their ratio and the share of extract time that is not the forward; the rates
       of preprocess and read + decode alone; and the fixed cost of a run (extract.run on 2 images).
       Separate runs on a shared machine disagree by more than the effect measured, so extract.run is
@@ -73,8 +73,13 @@ def write_encoder(directory: Path, args: argparse.Namespace) -> Path:
     return save_checkpoint(directory, vit.state_dict(), meta)
 
 
+def train_count(n: int) -> int:
+    """Train images of a set of n (the rest is val, which extract does not read)."""
+    return n - max(1, n // 10)
+
+
 def make_params(args: argparse.Namespace, encoder_dir: Path, n: int) -> Params:
-    val = max(1, n // 10)
+    val = n - train_count(n)
     return with_overrides(
         Params(),
         {
@@ -85,6 +90,7 @@ def make_params(args: argparse.Namespace, encoder_dir: Path, n: int) -> Params:
             "encoder.source": "ssl",
             "encoder.weights": str(encoder_dir),
             "extract.batch_size": args.batch_size,
+            "extract.sample": 1.0,
         },
     )
 
@@ -148,7 +154,7 @@ def timed_extract(params: Params, images: Path, out: Path) -> dict:
     with InRunSplit(encoder) as split, Clock(encoder.device) as total:
         summary = extract.run(params, images=str(images), out=str(out))
     return {
-        "images": sum(v for k, v in summary.items() if k.endswith("_images")),
+        "images": summary["sampled_images"],
         "wall": total.wall,
         "cpu": total.cpu,
         "forward_wall": split.forward.wall,
@@ -196,9 +202,9 @@ def time_preprocess(encoder: Encoder, batches: list) -> Clock:
 
 
 def time_decode(images: Path) -> tuple[int, Clock]:
-    """Read + PNG-decode every sample of every shard (the stage's input path, no encoder)."""
+    """Read + PNG-decode every sample of the train shards (what the stage reads, no encoder)."""
     with Clock() as c:
-        n = sum(1 for _ in iter_samples(sorted(images.glob("*.tar"))))
+        n = sum(1 for _ in iter_samples(sorted(images.glob("train-*.tar"))))
     return n, c
 
 
@@ -283,8 +289,9 @@ def main() -> None:
         # (b) in this process, on the N set; forward-only and extract interleaved in each repeat.
         small = sets["N"]
         encoder = encoder_from_params(small.encoder, small.base)
-        ready = random_batches(encoder, args.n, args.batch_size, "ready")
-        raw = random_batches(encoder, args.n, args.batch_size, "uint8")
+        n_train = train_count(args.n)
+        ready = random_batches(encoder, n_train, args.batch_size, "ready")
+        raw = random_batches(encoder, n_train, args.batch_size, "uint8")
         time_forward(encoder, ready[:1])  # warm-up: kernels, allocator pools
         c_fwd, runs, tiny = [], [], []
         for r in range(args.repeats):
@@ -294,8 +301,8 @@ def main() -> None:
         pre = best([time_preprocess(encoder, raw) for _ in range(args.repeats)])
         decodes = [time_decode(tmp / "images_N") for _ in range(args.repeats)]
         n_dec, dec = decodes[0][0], best([c for _, c in decodes])
-        if not runs[0]["images"] == n_dec == args.n:
-            raise RuntimeError(f"expected {args.n} images, extract saw {runs[0]['images']}, decode {n_dec}")
+        if not runs[0]["images"] == n_dec == n_train:
+            raise RuntimeError(f"expected {n_train} images, extract saw {runs[0]['images']}, decode {n_dec}")
         fwd = best(c_fwd)
         ext = (min(r["wall"] for r in runs), min(r["cpu"] for r in runs))
         fixed = (min(r["wall"] for r in tiny), min(r["cpu"] for r in tiny))
@@ -306,17 +313,18 @@ def main() -> None:
             for name, p in sets.items()
         }
 
-    n, b = args.n, args.batch_size
+    n, b = n_train, args.batch_size
     desc = encoder.describe()
     print()
     print(
         f"encoder: ssl ViT img {desc['img_size']} patch {desc['patch_size']} dim {desc['dim']} "
         f"depth {desc['depth']} (features of block {desc['block_index']}: [T={encoder.num_tokens}, "
         f"D={encoder.dim}]), device {encoder.device}, torch threads {threads}, batch {b}, "
-        f"shard_size {args.shard_size}; prepare of 2 + {n} + {4 * n} images took {t_prep:.1f}s"
+        f"shard_size {args.shard_size}; prepare of 2 + {args.n} + {4 * args.n} images (train + val; extract "
+        f"reads the train ones) took {t_prep:.1f}s"
     )
     print()
-    print(f"(b) throughput, separate runs on {n} images in this process (best of {args.repeats})")
+    print(f"(b) throughput, separate runs on {n} train images in this process (best of {args.repeats})")
     print(f"  {'':<44} {'wall images/s':>14} {'wall ms/img':>12} {'CPU ms/img':>11}")
     rows = [
         ("encoder forward only (random float NCHW)", fwd),
@@ -363,7 +371,10 @@ def main() -> None:
         print(f"  {r['images']:>13} {fill[name]:>13} " + " ".join(f"{c / 1024:>13.1f}" for c in cols))
     ratio = fresh["4N"]["peak_kib"] / fresh["N"]["peak_kib"]
     growth = (fresh["4N"]["peak_kib"] - fresh["N"]["peak_kib"]) / 1024
-    print(f"  peak RSS ratio 4N / N: {ratio:.3f}  (goal ≤ 1.2); {growth:+.1f} MiB for {3 * n} more images")
+    print(
+        f"  peak RSS ratio 4N / N: {ratio:.3f}  (goal ≤ 1.2); {growth:+.1f} MiB for "
+        f"{fresh['4N']['images'] - fresh['N']['images']} more images"
+    )
     if any(r["threads"] != threads for r in fresh.values()):
         print(f"  note: children ran with {[r['threads'] for r in fresh.values()]} threads, parent {threads}")
 

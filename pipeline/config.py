@@ -81,8 +81,48 @@ class Encoder(Section):
         return self
 
 
+class Crop(Section):
+    """A random resized crop + flip of the stored (square) image, resized back to base.image_size."""
+
+    scale: tuple[float, float] = Field((0.8, 1.0), description="area of the crop as a fraction of the image")
+    ratio: tuple[float, float] = Field((1.0, 1.0), description="aspect ratio (w / h) range of the crop")
+    flip: bool = Field(True, description="horizontal flip with probability 1/2")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Crop:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        lo, hi = self.ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(self.ratio)}")
+        return self
+
+
 class Extract(Section):
-    batch_size: int = Field(64, ge=1, description="images per encoder forward")
+    """The K-Means input: patch features of a seeded sample of train images, each as one K-Means view."""
+
+    batch_size: int = Field(256, ge=1, description="images per encoder forward")
+    sample: int | float = Field(
+        0.25, description="train images stored: a fraction in (0, 1] (float) or a count >= 1 (int)"
+    )
+    seed: int = Field(0, ge=0, description="which images are sampled, and each image's crop")
+    view: Literal["random", "center"] = Field(
+        "random", description="random: `crop` (random resized crop + flip); center: the stored image as is"
+    )
+    crop: Crop = Crop()
+    chunk_images: int = Field(
+        1000, ge=1, description="at most this many images per Zarr chunk (= per resumable job), balanced"
+    )
+    workers: int = Field(1, ge=0, description="DataLoader processes decoding the PNGs (0: the main process)")
+
+    @model_validator(mode="after")
+    def _sample(self) -> Extract:
+        if isinstance(self.sample, float) and not 0 < self.sample <= 1:
+            raise ValueError(f"sample: a fraction must lie in (0, 1], got {self.sample}")
+        if isinstance(self.sample, int) and self.sample < 1:
+            raise ValueError(f"sample: a count of images must be >= 1, got {self.sample}")
+        return self
 
 
 class KMeans(Section):
@@ -95,7 +135,13 @@ class KMeans(Section):
 
 
 class Tokenize(Section):
-    batch_size: int = Field(256, ge=1, description="images per assignment batch")
+    """Tokens of V views of every image: view 0 = the stored (centre) image, views 1..V-1 = `crop`."""
+
+    batch_size: int = Field(256, ge=1, description="images per encoder / VQ forward")
+    views: int = Field(1, ge=1, le=64, description="V: token views per image (view 0 = the centre image)")
+    seed: int = Field(0, ge=0, description="the crops of views 1..V-1, seeded by (seed, image, view)")
+    crop: Crop = Crop()
+    workers: int = Field(1, ge=0, description="DataLoader processes decoding the PNGs (0: the main process)")
 
 
 class Train(Section):

@@ -7,6 +7,7 @@ Any image PIL can decode is accepted and converted to 8-bit RGB (grayscale, CMYK
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,11 @@ def scan_imagefolder(root: str | Path, val_fraction: float) -> FolderScan:
     empty: list[str] = []
     for label, name in enumerate(classes):
         for d in class_dirs[name]:
-            files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # Symlinks that are not regular files (dangling, looping, to a directory) are kept here so that
+            # load_image reports them in skipped.csv like any other unusable file.
+            files = sorted(
+                p for p in d.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
+            )
             if not files:
                 empty.append(str(d.relative_to(root)))
             for f in files:
@@ -97,6 +102,11 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
 
 def load_image(path: str | Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """(uint8 [size, size, 3], original (w, h)); raises SkipImage with the reason if unusable."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise SkipImage(f"dangling symlink (its target {os.readlink(path)!r} does not exist or loops)")
+    if not path.is_file():
+        raise SkipImage("not a regular file (a symlink to a directory is not followed)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

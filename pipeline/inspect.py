@@ -5,6 +5,7 @@ Each artifact kind registers a detector and a view; the first detector that acce
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,18 @@ def _upscale(grid_img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(grid_img).resize((size, size), Image.NEAREST))
 
 
+def _kmeans_views(attrs: dict, images: dict[str, np.ndarray], keys: list[str], rows: list[int]) -> list:
+    """The K-Means view (crop + flip) each stored feature row was computed from, remade from the attrs."""
+    from pipeline.features import EXTRACT_STREAM, CropSpec, ViewPlan
+
+    view = attrs.get("view") or {}
+    if view.get("mode") != "random":
+        return [images[k] for k in keys]
+    crop = CropSpec(tuple(view["scale"]), tuple(view["ratio"]), bool(view["flip"]))
+    plan = ViewPlan(count=1, centre=0, crop=crop, seed=int(view["seed"]), stream=EXTRACT_STREAM)
+    return [plan.make(images[k], "train", r)[0] for k, r in zip(keys, rows, strict=True)]
+
+
 @register("feature store", _is_zarr)
 def show_features(path: Path, reports: Path, n: int = 8) -> str:
     from pipeline.features import open_features
@@ -180,6 +193,17 @@ def show_features(path: Path, reports: Path, n: int = 8) -> str:
         if split in store:
             a = store[f"{split}/patches"]
             lines.append(f"{split}: patches {a.dtype} {list(a.shape)} chunks {list(a.chunks)}")
+    sample, view = attrs.get("sample"), attrs.get("view")
+    if sample:
+        lines.append(
+            f"K-Means input: {sample['images']} of {sample['of']} train images (sample {sample['requested']}, "
+            f"seed {sample['seed']})"
+            + (
+                f", {view['mode']} views (scale {view['scale']}, ratio {view['ratio']}, flip {view['flip']})"
+                if view
+                else ""
+            )
+        )
     keep = (
         "encoder",
         "source",
@@ -204,7 +228,10 @@ def show_features(path: Path, reports: Path, n: int = 8) -> str:
     size = max(64, (images[keys[0]].shape[0] if images else 64))
     rows = [[_upscale(r, size) for r in rgb]]
     labels = ["PCA→RGB"]
-    if images:
+    if images and "rows" in store[split]:
+        rows.insert(0, _kmeans_views(attrs, images, keys, store[f"{split}/rows"][:n].tolist()))
+        labels.insert(0, "K-Means view")
+    elif images:
         rows.insert(0, [images[k] for k in keys])
         labels.insert(0, "image")
     out = save_png(
@@ -318,6 +345,15 @@ def show_tokens(path: Path, reports: Path, n: int = 8, top: int = 8, per_cluster
         if len(first) < 64:
             first.append(s)
     lines = [f"{split}: {n_images} images in {len(shards)} shard(s); fields: {', '.join(sorted(fields))}"]
+    meta_path = (path if path.is_dir() else path.parent) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("views", 1) > 1:
+        v = meta["view"]
+        lines.append(
+            f"views: {meta['views']} per image (view 0 = the stored image in digit.npy/vq.npy; views 1.. in "
+            f"{meta['digit'].get('views_field')}/{meta['vq'].get('views_field')}: crops of scale {v['scale']}, "
+            f"ratio {v['ratio']}, flip {v['flip']}, seed {v['seed']}); the pictures show view 0"
+        )
     for f in sorted(fields):
         c = counts[f]
         p = c[c > 0] / c.sum()

@@ -1,4 +1,5 @@
-"""Stage `kmeans`: faiss K-Means on a reproducible sample of train patch features → the DiGIT codebook."""
+"""Stage `kmeans`: faiss K-Means on a reproducible sample of the feature store's patches (the K-Means views of
+extract's sampled train images) → the DiGIT codebook."""
 
 from __future__ import annotations
 
@@ -29,8 +30,22 @@ def run(
 ) -> dict[str, Any]:
     p = params.kmeans
     store = open_features(features)
-    x = sample_patches(store["train/patches"], p.sample_patches, p.seed)
-    log.info("kmeans: K=%d on %d train patches of D=%d", p.k, x.shape[0], x.shape[1])
+    patches = store["train/patches"]
+    n_images, n_tokens, _ = patches.shape
+    if n_images * n_tokens < p.k:
+        raise ValueError(
+            f"{features}: holds {n_images * n_tokens} patches ({n_images} images × {n_tokens}) but kmeans.k = "
+            f"{p.k} needs at least that many: raise extract.sample or lower kmeans.k"
+        )
+    x = sample_patches(patches, p.sample_patches, p.seed)
+    log.info(
+        "kmeans: K=%d on %d patches of D=%d from %d sampled train images (%s views)",
+        p.k,
+        x.shape[0],
+        x.shape[1],
+        n_images,
+        store.attrs.get("view", {}).get("mode", "?"),
+    )
     result = fit_kmeans(x, p.k, p.niter, p.seed, p.max_points_per_centroid, gpu=GPU[p.gpu])
     log.info("kmeans: trained on %s in %.1fs", result.device, result.seconds)
     counts, entropy, dead = cluster_usage(assign(x, result.centroids), p.k)
@@ -44,7 +59,7 @@ def run(
     with atomic_dir(out) as tmp:
         np.save(Path(tmp) / "centroids.npy", result.centroids.astype(np.float32), allow_pickle=False)
         np.save(Path(tmp) / "usage.npy", counts, allow_pickle=False)
-        encoder_attrs = {k: v for k, v in store.attrs.items() if k not in ("shards", "fingerprint")}
+        encoder_attrs = {k: v for k, v in store.attrs.items() if k != "fingerprint"}
         write_json(Path(tmp) / "kmeans.json", {**summary, "params": p.model_dump(), "encoder": encoder_attrs})
     return summary
 

@@ -27,7 +27,7 @@ from pipeline.models.gpt import GPT, gpt_config, load_gpt
 from pipeline.runs import train_and_promote
 from pipeline.shards import iter_samples, list_shards
 from pipeline.stage import MapJobs, stage_main
-from pipeline.stream import TOKEN_META, ShardStream, read_token_meta
+from pipeline.stream import TOKEN_META, ShardStream, read_token_meta, token_views
 from pipeline.train import rank_world, resolve_device
 
 log = logging.getLogger("digit.train_gpt")
@@ -171,11 +171,17 @@ def run(
     conditional = model.config.num_classes > 0
     fields = {"tokens": field, "label": "cls"} if conditional else {"tokens": field}
     rank, world = rank_world()
-    stream = ShardStream(list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world)
+    # With V augmented views per image, each sample gives one view per epoch; val uses view 0.
+    num_views, views = token_views(meta)
+    stream = ShardStream(
+        list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world, views, num_views
+    )
     log.info(
-        "train_gpt[%s]: %d train sequences of %d tokens (vocab %d), %.2fM parameters, %d steps of %d",
+        "train_gpt[%s]: %d train sequences (%d view(s) each) of %d tokens (vocab %d), %.2fM parameters, "
+        "%d steps of %d",
         variant,
         stream.epoch_size,
+        num_views,
         h * w,
         vocab,
         model.num_params() / 1e6,

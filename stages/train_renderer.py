@@ -16,7 +16,7 @@ from pipeline.models.renderer import Renderer, load_renderer, renderer_config
 from pipeline.runs import train_and_promote
 from pipeline.shards import list_shards
 from pipeline.stage import MapJobs, stage_main
-from pipeline.stream import ShardStream, read_token_meta
+from pipeline.stream import ShardStream, read_token_meta, token_views
 from pipeline.train import rank_world, resolve_device
 from stages.train_gpt import (
     evaluate_teacher_forced,
@@ -62,7 +62,12 @@ def run(
     c = model.config
     fields = {"digit": meta["digit"]["field"], "vq": meta["vq"]["field"]}
     rank, world = rank_world()
-    stream = ShardStream(list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world)
+    # With V augmented views per image, each sample gives one view per epoch (DiGIT and VQ tokens of the
+    # same view); val uses view 0.
+    num_views, views = token_views(meta)
+    stream = ShardStream(
+        list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world, views, num_views
+    )
     log.info(
         "train_renderer: %d train images, %d DiGIT tokens (K=%d) -> %d VQ tokens (V=%d), %.2fM parameters",
         stream.epoch_size,

@@ -80,3 +80,17 @@ def test_overrides_are_validated():
     assert p.prepare.train_size == 7 and p.prepare.val_size == Params().prepare.val_size
     with pytest.raises(ParamsError, match="prepare.val_size"):
         with_overrides(Params(), {"prepare.val_size": 0})
+
+
+def test_extract_sample_is_a_fraction_or_a_count_and_crops_are_ranges():
+    assert parse_params({"extract": {"sample": 0.1}}).extract.sample == 0.1
+    count = parse_params({"extract": {"sample": 5000}}).extract.sample
+    assert count == 5000 and isinstance(count, int)
+    with pytest.raises(ParamsError, match=r"extract: sample: a fraction must lie in \(0, 1\], got 1.5"):
+        parse_params({"extract": {"sample": 1.5}})
+    with pytest.raises(ParamsError, match=r"extract: sample: a count of images must be >= 1, got 0"):
+        parse_params({"extract": {"sample": 0}})
+    with pytest.raises(ParamsError, match=r"tokenize.crop: scale must satisfy 0 < min <= max <= 1"):
+        parse_params({"tokenize": {"crop": {"scale": [0.9, 0.5]}}})
+    with pytest.raises(ParamsError, match=r"tokenize.views: Input should be greater than or equal to 1"):
+        parse_params({"tokenize": {"views": 0}})

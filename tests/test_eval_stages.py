@@ -122,9 +122,7 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     extract.run(params, images=r["images"], out=r["features"])
     kmeans.run(params, features=r["features"], out=r["kmeans"])
     train_vq.run(params, images=r["images"], out=r["vq"], curves=None)
-    tokenize.run(
-        params, features=r["features"], kmeans=r["kmeans"], images=r["images"], vq=r["vq"], out=r["tokens"]
-    )
+    tokenize.run(params, kmeans=r["kmeans"], images=r["images"], vq=r["vq"], out=r["tokens"])
     train_gpt.run(params, "digit", r["tokens"], str(root / "gpt_digit"), None)
     uncond = with_overrides(params, {"train_gpt.model": {**TINY_MODEL, "class_conditional": False}})
     train_gpt.run(uncond, "vq", r["tokens"], str(root / "gpt_vq"), None)

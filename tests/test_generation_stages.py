@@ -59,7 +59,6 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=None)
     tokenize.run(
         params,
-        features=str(root / "features.zarr"),
         kmeans=str(root / "kmeans"),
         images=str(root / "images"),
         vq=str(root / "vq"),

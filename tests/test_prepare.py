@@ -110,6 +110,32 @@ def test_imagefolder_ingest_converts_skips_and_reports(tmp_path):
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
 
 
+def test_unusable_symlinks_are_listed_not_dropped(tmp_path):
+    root = tmp_path / "folder"
+    _make_tree(root)
+    (root / "cats/gone.jpg").symlink_to(root / "cats/deleted-long-ago.jpg")  # dangling
+    (root / "cats/loop.png").symlink_to(root / "cats/loop.png")  # points at itself
+    (root / "dogs/subdir").symlink_to(root / "cats", target_is_directory=True)  # to a directory
+    (root / "dogs/alias.png").symlink_to(root / "dogs/alpha.png")  # a good link is an image like any other
+    (root / "lonely").mkdir()
+    (root / "lonely/dead.png").symlink_to(tmp_path / "nowhere.png")  # the class's only file
+    params = tiny_params(prepare__source="imagefolder", prepare__root=str(root), prepare__val_fraction=0.3)
+    metrics = prepare.run(params, out=str(tmp_path / "img"))
+    skipped = (tmp_path / "img/skipped.csv").read_text().splitlines()
+    reasons = {line.split(",", 1)[0]: line.split(",", 1)[1] for line in skipped[1:]}
+    assert (
+        reasons["cats/gone.jpg"].startswith("dangling symlink")
+        and "deleted-long-ago.jpg" in reasons["cats/gone.jpg"]
+    )
+    assert reasons["cats/loop.png"].startswith("dangling symlink")
+    assert reasons["dogs/subdir"].startswith("not a regular file")
+    assert reasons["lonely/dead.png"].startswith("dangling symlink")
+    assert "lonely" not in reasons, "a class folder holding a (broken) file is not empty"
+    assert metrics["skipped"] == 3 + 4 and metrics["empty_class_folders"] == 1
+    sources = set(read_manifest(tmp_path / "img").column("source").to_pylist())
+    assert "dogs/alias.png" in sources and len(sources) == 7
+
+
 def test_imagefolder_with_train_val_dirs_keeps_splits(tmp_path):
     for split, n in (("train", 3), ("val", 2)):
         for cls in ("a", "b"):
