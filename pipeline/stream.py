@@ -3,8 +3,9 @@
 Epoch e visits the shards in a permutation drawn from (seed, e) and each shard's samples in a
 permutation drawn from (seed, e, shard). The global batch of step s is samples [s·B, (s+1)·B) of that
 sequence, and rank r of W takes rows [r·B/W, (r+1)·B/W) of it. So resuming at step s needs no replay,
-W processes see exactly the single-process global batch, and only one shard is decoded at a time
-(memory does not grow with the dataset).
+W processes see exactly the single-process global batch, and decoded shards are kept in a cache of bounded
+size (`cache_bytes`, at least one shard), so memory does not grow with the dataset while a small dataset
+(the demo's four image shards) is decoded once rather than once per epoch.
 
 Token shards with V augmented views per image (tokenize.views) give each sample one view per epoch,
 drawn from (seed, e, shard, row): every field of the sample (DiGIT and VQ tokens) comes from that view.
@@ -13,6 +14,7 @@ drawn from (seed, e, shard, row): every field of the sample (DiGIT and VQ tokens
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.io import read_json
-from pipeline.shards import iter_samples
+from pipeline.shards import count_samples, iter_samples
 
 TOKEN_META = "meta.json"  # in the token shards' directory: vocabularies, grids, views, class names
 _VIEW_DRAW = 0x76696577  # tells the view draws' seeds apart from the permutations'
@@ -61,6 +63,7 @@ class ShardStream:
         world: int = 1,
         views: dict[str, str] | None = None,
         num_views: int = 1,
+        cache_bytes: int = 256 << 20,
     ):
         if global_batch % world:
             raise ValueError(
@@ -73,8 +76,11 @@ class ShardStream:
         self.views = dict(views or {}) if num_views > 1 else {}
         self.num_views = num_views
         self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
-        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
-        self.counts = [self._load(i)[next(iter(fields))].shape[0] for i in range(len(self.shards))]
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.counts = [count_samples(s) for s in self.shards]
+        if self.shards:
+            self._load(0)  # fields and views are checked now, not at the first batch
         self.epoch_size = sum(self.counts)
         if self.epoch_size == 0:
             raise ValueError(f"no samples in {len(self.shards)} token shard(s)")
@@ -98,14 +104,20 @@ class ShardStream:
         return np.concatenate([row[None], others])  # [V, h·w]: view 0 first
 
     def _load(self, index: int) -> dict[str, np.ndarray]:
-        if self._cache is None or self._cache[0] != index:
-            cols: dict[str, list] = {name: [] for name in self.fields}
-            for s in iter_samples([self.shards[index]]):
-                for name, field in self.fields.items():
-                    cols[name].append(self._row(index, s, field))
-            data = {k: (np.stack(v) if v else np.zeros((0,), np.int64)) for k, v in cols.items()}
-            self._cache = (index, data)
-        return self._cache[1]
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        cols: dict[str, list] = {name: [] for name in self.fields}
+        for s in iter_samples([self.shards[index]]):
+            for name, field in self.fields.items():
+                cols[name].append(self._row(index, s, field))
+        data = {k: (np.stack(v) if v else np.zeros((0,), np.int64)) for k, v in cols.items()}
+        self._cache[index] = data
+        size = sum(a.nbytes for d in self._cache.values() for a in d.values())
+        while len(self._cache) > 1 and size > self.cache_bytes:  # least recently used first
+            _, old = self._cache.popitem(last=False)
+            size -= sum(a.nbytes for a in old.values())
+        return data
 
     def _view(self, epoch: int, shard: int, row: int) -> int:
         if self.num_views == 1:
