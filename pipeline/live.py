@@ -7,9 +7,8 @@ A stage's live directory (dvclive's layout):
     <dir>/plots/images/<name>        pictures
     <dir>/metrics.json               the summary: last value of every curve and the final figures
 
-dvc.yaml declares these as the stage's `plots:` / `metrics:` (dvclive itself never edits dvc.yaml here:
-`dvcyaml=None`), and dvclive never creates experiments on its own (`save_dvc_exp=False`): `dvc repro`
-and `dvc exp run` own the run. Under `dvc exp run`, dvclive only notices it and stays quiet.
+dvc.yaml declares these as the stage's `plots:` / `metrics:`: dvclive here never edits dvc.yaml and never
+creates experiments on its own; `dvc repro` and `dvc exp run` own the run (see StageLive below).
 """
 
 from __future__ import annotations
@@ -34,7 +33,16 @@ CURVES_DIR = Path("plots") / "metrics"
 def _live(directory: str | Path, resume: bool):
     from dvclive import Live
 
-    return Live(str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+    class StageLive(Live):
+        """dvclive's files without its own Git/DVC integration (finding the repo, naming an experiment,
+        writing dvc.yaml, DVC Studio via the repo's config): `dvc repro` / `dvc exp run` own the run and
+        dvc.yaml declares the files. That integration also fails in a Git repo without commits
+        (dvclive 3.49 raises SCMError there, e.g. on the first `dvc repro` of a fresh repo)."""
+
+        def _init_dvc(self) -> None:
+            self._dvc_file = "dvc.yaml"  # never written: dvcyaml=None
+
+    return StageLive(str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
 
 
 def _curve_files(directory: Path) -> list[Path]:

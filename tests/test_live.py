@@ -1,6 +1,7 @@
 """pipeline/live.py: dvclive directories written by training (StepLog) and evaluation (log_results)."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -85,3 +86,13 @@ def test_log_results_writes_metrics_plots_and_images_atomically(tmp_path):
 def test_plot_rows_must_hold_their_axes():
     with pytest.raises(ValueError, match=r"row 1 has no \['vq'\]"):
         Plot([{"layer": 1, "vq": 0.1}, {"layer": 2}], "layer", "vq")
+
+
+def test_step_log_in_a_git_repo_without_commits(tmp_path, monkeypatch):
+    # the first `dvc repro` of a fresh `git init`: dvclive's own Git integration raised there
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    log = StepLog("reports/curves/x", 0)
+    log.write(0, {"loss": 1.0})
+    log.close()
+    assert read_curves(tmp_path / "reports/curves/x") == [{"step": 0, "loss": 1.0}]
