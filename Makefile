@@ -14,7 +14,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench flow clean
+GPU_VENV ?= .venv-gpu
+GPU_CHECK_ARGS ?=
+
+.PHONY: setup repro test lint bench flow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,5 +43,16 @@ flow: setup
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; python $$b || exit 1; done
 
+# On a CUDA machine: its own venv with the `gpu` extra (faiss-gpu never shares a venv with faiss-cpu), then
+# the CUDA-vs-CPU checks. Without a GPU: the CPU part in the main venv, then exit status 3.
+gpu-check:
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory setup VENV=$(GPU_VENV) FAISS=gpu && \
+		$(abspath $(GPU_VENV))/bin/python scripts/gpu_check.py $(GPU_CHECK_ARGS); \
+	else \
+		echo "gpu-check: nvidia-smi finds no NVIDIA GPU here"; \
+		$(MAKE) --no-print-directory setup && $(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS); \
+	fi
+
 clean:
-	rm -rf $(VENV) .prefect reports/inspect
+	rm -rf $(VENV) $(GPU_VENV) .prefect reports/inspect

@@ -12,7 +12,6 @@ The peak is the best of square torch.mm products (fp32, and bf16 for the bf16-au
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from gpt_common import add_model_args, model_config
 
+from pipeline.live import read_curves
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train import TrainConfig, fit
 
@@ -51,11 +51,10 @@ def train_step_seconds(cfg: GPTConfig, batch: int, steps: int, amp: str) -> floa
             yield {"tokens": torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=g)}
 
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log.tsv"
+        curves = Path(tmp) / "curves"
         train = TrainConfig(steps=steps, lr=1e-4, device="cpu", amp=amp, checkpoint_every=10**9)
-        fit(model, batches, train, Path(tmp) / "run", {"kind": "gpt"}, log, progress=False)
-        with log.open() as f:
-            seconds = [float(r["seconds"]) for r in csv.DictReader(f, delimiter="\t")]
+        fit(model, batches, train, Path(tmp) / "run", {"kind": "gpt"}, curves, progress=False)
+        seconds = [float(r["seconds"]) for r in read_curves(curves)]
     return statistics.median(seconds[2:])
 
 

@@ -79,7 +79,7 @@ def main() -> None:
         steps=args.steps, lr=args.lr, warmup_steps=min(20, args.steps // 10), weight_decay=0.0, device="cpu"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        summary = fit(model, batches, tcfg, Path(tmp) / "run", vq_meta(cfg), Path(tmp) / "log.tsv")
+        summary = fit(model, batches, tcfg, Path(tmp) / "run", vq_meta(cfg), Path(tmp) / "curves")
     model.eval()
     ids = model.encode(val_x)
     trained = float(psnr(model.decode(ids), val_x))

@@ -19,6 +19,28 @@ def main(argv: list[str] | None = None) -> int:
     p_flow = sub.add_parser("flow", help="run stages as a Prefect flow (same code as `dvc repro`)")
     p_flow.add_argument("--params", default="params.yaml")
     p_flow.add_argument("--stages", default="", help="comma-separated stage names (default: all, DAG order)")
+    p_flow.add_argument(
+        "--runner",
+        choices=["threads", "dask"],
+        default="threads",
+        help="where shard tasks run: threads of this process, or Dask worker processes (default: %(default)s)",
+    )
+    p_flow.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="dask: worker processes of the LocalCluster (default: %(default)s)",
+    )
+    p_flow.add_argument(
+        "--address",
+        default=None,
+        help="dask: an existing scheduler (e.g. tcp://host:8786) instead of a LocalCluster",
+    )
+    p_flow.add_argument(
+        "--gpu-stages",
+        default="",
+        help="dask: comma-separated stages whose shard tasks need a worker resource GPU=1 (with --address)",
+    )
     p_times = sub.add_parser("times", help="per-stage wall times of the last run (from metrics/*.json)")
     p_times.add_argument("--metrics", default="metrics", help="metrics directory (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -42,10 +64,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.cmd == "flow":
-        from pipeline.flow import digit_flow
+        from pipeline.flow import ShardJobsNotPicklable, digit_flow
 
         stages = [s for s in args.stages.split(",") if s] or None
-        for name, metrics in digit_flow(args.params, stages).items():
+        try:
+            results = digit_flow(
+                args.params,
+                stages,
+                runner=args.runner,
+                workers=args.workers,
+                address=args.address,
+                gpu_stages=[s for s in args.gpu_stages.split(",") if s],
+            )
+        except (ShardJobsNotPicklable, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name, metrics in results.items():
             print(f"{name}: {metrics}")
         return 0
     return 1

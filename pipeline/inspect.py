@@ -5,6 +5,7 @@ Each artifact kind registers a detector and a view; the first detector that acce
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.live import read_curves
 from pipeline.viz import image_grid, save_png
 
 
@@ -434,13 +436,13 @@ def show_checkpoint(path: Path, reports: Path) -> str:
     for key in ("step", "steps", "last_loss", "source"):
         if key in meta:
             lines.append(f"{key}: {meta[key]}")
-    curves = Path("reports/curves")
-    for tsv in sorted(curves.glob(f"*{path.name.removeprefix('gpt_')}*.tsv")) if curves.is_dir() else []:
-        rows = tsv.read_text().splitlines()
-        if len(rows) > 1:
-            header, last = rows[0].split("\t"), rows[-1].split("\t")
+    curves = Path("reports/curves")  # the training stages' dvclive directories (pipeline/live.py)
+    for live in sorted(curves.glob(f"*{path.name.removeprefix('gpt_')}*")) if curves.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            last = read_curves(live)[-1]
             lines.append(
-                f"last row of {tsv}: " + ", ".join(f"{h}={v}" for h, v in zip(header, last, strict=False))
+                f"last row of {live}: "
+                + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items())
             )
     if kind == "ssl_vit":
         lines.append(_encoder_picture(path, reports))

@@ -56,7 +56,9 @@ def train_and_promote(
     meta: dict[str, Any],
     curves: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming a same-config partial run if one exists) and write the final weights to `out`."""
+    """Train (resuming a same-config partial run if one exists) and write the final weights to `out`.
+
+    `curves`: the run's dvclive directory (per-step curves and their summary; see pipeline/live.py)."""
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not _same_run(partial, meta):

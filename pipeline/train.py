@@ -1,11 +1,11 @@
 """The one training loop: every trained model of the pipeline (GPT, renderer, VQ, SSL encoder, judge).
 
 Protocol a model implements:
-    training_loss(batch: dict[str, Tensor]) -> (scalar loss, {name: float})   # logs go to the TSV
+    training_loss(batch: dict[str, Tensor]) -> (scalar loss, {name: float})   # logged as curves
     after_optimizer_step(step: int) -> None   # optional (EMA teacher, codebook upkeep);
                                               # may raise TrainingStopped
 
-Steps are 0-based everywhere: `batches(s)` yields the batches of steps s, s+1, ...; the TSV's `step` column
+Steps are 0-based everywhere: `batches(s)` yields the batches of steps s, s+1, ...; the curves' `step`
 and `after_optimizer_step(step)` use the index of the step just run; a checkpoint's meta["step"] is the
 number of steps done, i.e. the step a resume starts at.
 
@@ -17,14 +17,13 @@ gather. On CPU a resumed run ends bit-identical to an uninterrupted one (tested)
 
 Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1 in the environment) `fit` joins the process
 group (gloo on CPU, NCCL on CUDA), wraps the model in DDP (gradients averaged over ranks, so N ranks with
-per-rank batch B match one process with batch N*B), and rank 0 alone writes checkpoints and the TSV; the
+per-rank batch B match one process with batch N*B), and rank 0 alone writes checkpoints and the curves; the
 logged loss and model logs are averaged over ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
@@ -40,12 +39,12 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.live import StepLog
 from pipeline.ranks import init_distributed, rank_world
 from pipeline.sampling import derive_seed
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 AMP_MODES = ("auto", "bf16", "off")
-BASE_COLUMNS = ["step", "loss", "lr", "grad_norm", "items_per_s", "seconds"]
 
 
 class TrainingStopped(RuntimeError):
@@ -64,7 +63,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
     checkpoint_every: int = 500  # steps between run_dir/last checkpoints (and always at the end)
-    log_every: int = 1  # TSV rows every this many steps (and the last step)
+    log_every: int = 1  # curve rows every this many steps (and the last step)
     seed: int = 0
     amp: str = (
         "auto"  # auto = bf16 where it is fast (see use_bf16) | bf16 = bf16 autocast on any device | off
@@ -179,42 +178,6 @@ def _check_same_run(saved: dict[str, Any], meta: dict[str, Any], where: Path) ->
             )
 
 
-class _TsvLog:
-    """Per-step rows, appended; on a resume, rows of steps >= start_step are dropped first (a fresh run,
-    start_step 0, starts a fresh file, so its header matches the current model's logs)."""
-
-    def __init__(self, path: Path, start_step: int) -> None:
-        self.path = path
-        self.columns: list[str] | None = None
-        if start_step == 0:
-            path.unlink(missing_ok=True)
-        if path.exists():
-            with path.open(newline="") as f:
-                rows = list(csv.reader(f, delimiter="\t"))
-            if rows:
-                self.columns = rows[0]
-                kept = [r for r in rows[1:] if r and int(r[0]) < start_step]
-                tmp = path.with_name(path.name + ".tmp")
-                with tmp.open("w", newline="") as f:
-                    csv.writer(f, delimiter="\t", lineterminator="\n").writerows([self.columns, *kept])
-                os.replace(tmp, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, row: dict[str, float]) -> None:
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            if self.columns is None:
-                self.columns = BASE_COLUMNS + sorted(k for k in row if k not in BASE_COLUMNS)
-                writer.writerow(self.columns)
-            writer.writerow([_fmt(row.get(c, "")) for c in self.columns])
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -232,10 +195,13 @@ def fit(
     cfg: TrainConfig,
     run_dir: Path,
     meta: dict[str, Any],
-    log_path: Path | None = None,
+    log_path: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `model` for cfg.steps optimizer steps, resuming from run_dir/last if it exists.
+
+    `log_path`: the dvclive directory of the per-step curves (pipeline/live.py: loss, lr, grad_norm,
+    items_per_s, seconds and the model's logs, every cfg.log_every steps); None logs nothing.
 
     `meta` (JSON-able, e.g. {"kind": "gpt", "config": asdict(model_cfg)}) is stored with every checkpoint;
     a resume refuses a checkpoint whose stored meta disagrees on any of these keys. Returns a summary:
@@ -275,7 +241,7 @@ def fit(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters,
         )
-    log = _TsvLog(Path(log_path), start) if (log_path is not None and rank == 0) else None
+    log = StepLog(log_path, start) if (log_path is not None and rank == 0) else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     after_step = getattr(model, "after_optimizer_step", None)
@@ -337,9 +303,8 @@ def fit(
         items_total += rows
         dt = time.perf_counter() - t0
         if log is not None and (step % cfg.log_every == 0 or step + 1 == cfg.steps):
-            row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
-            row |= {"items_per_s": rows / dt, "seconds": dt, **logs}
-            log.write(row)
+            row = {"loss": loss_value, "lr": lr, "grad_norm": norm_value, "items_per_s": rows / dt}
+            log.write(step, row | {"seconds": dt, **logs})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", items_s=f"{rows / dt:.1f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -349,6 +314,8 @@ def fit(
             if world > 1:
                 dist.barrier()  # nobody runs ahead of (or returns before) the checkpoint on disk
     bar.close()
+    if log is not None:
+        log.close()
     seconds = time.perf_counter() - t_start
     summary = {
         "steps": cfg.steps,

@@ -29,7 +29,7 @@ log = logging.getLogger("digit.pretrain_encoder")
 PATHS = {
     "images": "data/images",
     "out": "models/encoder",
-    "curves": "reports/curves/pretrain_encoder.tsv",
+    "curves": "reports/curves/pretrain_encoder",  # dvclive directory (pipeline/live.py)
     "metrics": "metrics/pretrain_encoder.json",
 }
 PROBE_TRAIN, PROBE_VAL = 2000, 500  # images for the k-NN check (enough to separate, cheap on CPU)

@@ -36,7 +36,7 @@ PATHS = {
     "variant": "digit",
     "tokens": "data/tokens",
     "out": "models/gpt_{variant}",
-    "curves": "reports/curves/train_gpt_{variant}.tsv",
+    "curves": "reports/curves/train_gpt_{variant}",  # dvclive directory (pipeline/live.py)
     "metrics": "metrics/train_gpt_{variant}.json",
 }
 

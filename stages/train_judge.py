@@ -44,7 +44,7 @@ log = logging.getLogger("digit.train_judge")
 PATHS = {
     "images": "data/images",
     "out": "models/judge",
-    "curves": "reports/curves/train_judge.tsv",
+    "curves": "reports/curves/train_judge",  # dvclive directory (pipeline/live.py)
     "metrics": "metrics/train_judge.json",
 }
 TRAIN_ACC_IMAGES = 1000  # train images re-scored after training (to read over-fitting next to val top-1)

@@ -31,7 +31,7 @@ log = logging.getLogger("digit.train_renderer")
 PATHS = {
     "tokens": "data/tokens",
     "out": "models/renderer",
-    "curves": "reports/curves/train_renderer.tsv",
+    "curves": "reports/curves/train_renderer",  # dvclive directory (pipeline/live.py)
     "metrics": "metrics/train_renderer.json",
 }
 

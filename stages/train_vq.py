@@ -24,7 +24,7 @@ log = logging.getLogger("digit.train_vq")
 PATHS = {
     "images": "data/images",
     "out": "models/vq",
-    "curves": "reports/curves/train_vq.tsv",
+    "curves": "reports/curves/train_vq",  # dvclive directory (pipeline/live.py)
     "metrics": "metrics/train_vq.json",
 }
 

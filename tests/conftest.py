@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 
 # Offline and quiet before anything imports prefect, dvc or huggingface_hub.
@@ -78,3 +80,14 @@ def encoder_dir(tmp_path_factory):
     meta = {"kind": "ssl_vit", "timm_kwargs": TIMM_KWARGS, "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(d, vit.state_dict(), {**meta, "img_size": 32, "patch_size": 8})
     return d
+
+
+def run_module(cwd: Path, *args: str, timeout: int = 1200, stdout_only: bool = False) -> str:
+    """`python -m <args>` in `cwd` with this interpreter, its venv first on PATH (DVC stages call plain
+    `python`), asserting success; returns stdout (+ stderr)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0, f"{args}: {r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout if stdout_only else r.stdout + r.stderr

@@ -6,18 +6,15 @@ torch start-up per stage), and `dvc commit` records the result in dvc.lock; from
 `dvc status`, then `dvc repro` runs the stale stages as subprocesses and skips the others."""
 
 import importlib
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.flow import read_dag
 
-from .conftest import REPO
+from .conftest import REPO, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -26,13 +23,7 @@ TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "ffn_dim": 64}
 
 
 def _run(cwd, *args):
-    # the stages' `python` must be this interpreter (the venv's), whatever PATH the tests were started with
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    r = subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200
-    )
-    assert r.returncode == 0, f"{args}: {r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return r.stdout + r.stderr
+    return run_module(cwd, *args)
 
 
 def tiny(params: dict) -> dict:

@@ -22,6 +22,7 @@ from pipeline.evaluation import (
     write_probe_features,
 )
 from pipeline.io import read_json
+from pipeline.live import read_curves
 from pipeline.metrics.fidelity import FidelityError, load_reference
 from pipeline.models.gpt import load_gpt
 from pipeline.models.judge import evaluate_accuracy, judge_fingerprint, load_judge
@@ -139,7 +140,7 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
             grid=None,
         )
     m = {
-        "judge": train_judge.run(params, r["images"], r["judge"], str(root / "judge.tsv")),
+        "judge": train_judge.run(params, r["images"], r["judge"], str(root / "judge_curves")),
         "reference": reference.run(params, r["images"], r["judge"], str(root / "reference")),
     }
     paths = eval_paths(root)
@@ -178,7 +179,7 @@ def test_train_judge_promotes_weights_and_reports_val_accuracy(chain):
     assert read_json(root / "judge/config.json")["val_top1"] == pytest.approx(acc)
     assert metrics["train_images"] == N_TRAIN and metrics["steps"] == 8 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["train_top1"] <= 1.0 and math.isfinite(metrics["final_loss"])
-    rows = _tsv(root / "judge.tsv")
+    rows = read_curves(root / "judge_curves")
     assert [int(r["step"]) for r in rows] == [0, 2, 4, 6, 7] and "acc" in rows[0]  # and the last step
 
 

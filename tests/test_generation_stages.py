@@ -1,7 +1,6 @@
 """train_gpt (both variants) → train_renderer → sample (both variants), end to end on tiny tokens made by
 the real tokenizer stages (prepare → extract → kmeans → train_vq → tokenize)."""
 
-import csv
 import math
 import os
 import subprocess
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 import pipeline.train
 from pipeline.config import dump_params, with_overrides
 from pipeline.io import read_json
+from pipeline.live import read_curves
 from pipeline.models.gpt import load_gpt
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_uint8
@@ -66,25 +66,20 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     )
     m = {}
     m["gpt_digit"] = train_gpt.run(
-        params, "digit", str(root / "tokens"), str(root / "gpt_{variant}"), str(root / "gpt_digit.tsv")
+        params, "digit", str(root / "tokens"), str(root / "gpt_{variant}"), str(root / "gpt_digit_curves")
     )
     uncond = _params(encoder_dir, train_gpt__model={**TINY_MODEL, "class_conditional": False})
     m["gpt_vq"] = train_gpt.run(
-        uncond, "vq", str(root / "tokens"), str(root / "gpt_vq"), str(root / "gpt_vq.tsv")
+        uncond, "vq", str(root / "tokens"), str(root / "gpt_vq"), str(root / "gpt_vq_curves")
     )
     m["renderer"] = train_renderer.run(
-        params, str(root / "tokens"), str(root / "renderer"), str(root / "renderer.tsv")
+        params, str(root / "tokens"), str(root / "renderer"), str(root / "renderer_curves")
     )
     m["sample_digit"] = _sample(
         params, root, "digit", root / "samples_digit", grid=str(root / "grid_digit.png")
     )
     m["sample_vq"] = _sample(params, root, "vq", root / "samples_vq", grid=str(root / "grid_vq.png"))
     return root, params, m
-
-
-def _tsv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 def _weights(directory):
@@ -96,7 +91,7 @@ def _weights(directory):
 
 def test_train_gpt_outputs_follow_the_contract(chain):
     root, _, m = chain
-    assert sorted(p.name for p in root.glob("gpt_digit*")) == ["gpt_digit", "gpt_digit.tsv"]  # no .partial
+    assert sorted(p.name for p in root.glob("gpt_digit*")) == ["gpt_digit", "gpt_digit_curves"]  # no .partial
     assert sorted(p.name for p in (root / "gpt_digit").iterdir()) == ["config.json", "model.safetensors"]
     saved = read_json(root / "gpt_digit/config.json")
     assert saved["variant"] == "digit" and saved["tokens_field"] == "digit.npy" and saved["step"] == 6
@@ -113,7 +108,7 @@ def test_train_gpt_outputs_follow_the_contract(chain):
         assert metrics["tokens_per_s"] == pytest.approx(16 * metrics["sequences_per_s"])
         for key in ("final_loss", "val_loss", "val_nll", "train_seconds", "seconds"):
             assert math.isfinite(metrics[key]) and metrics[key] > 0, key
-        rows = _tsv(root / f"gpt_{variant}.tsv")
+        rows = read_curves(root / f"gpt_{variant}_curves")
         assert [int(r["step"]) for r in rows] == list(range(6)) and "acc" in rows[0]
         assert float(rows[-1]["loss"]) == pytest.approx(metrics["final_loss"], rel=1e-5)
 
@@ -143,7 +138,7 @@ def test_train_gpt_resumes_after_a_kill_to_the_same_weights(chain, tmp_path, mon
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(pipeline.train, "save_checkpoint", dies_after_first_checkpoint)
-    out, curves = tmp_path / "gpt", tmp_path / "gpt.tsv"
+    out, curves = tmp_path / "gpt", tmp_path / "gpt_curves"
     with pytest.raises(KeyboardInterrupt):
         train_gpt.run(params, "digit", str(root / "tokens"), str(out), str(curves))
     assert not out.exists(), "a killed run must not leave finished-looking weights"
@@ -155,7 +150,9 @@ def test_train_gpt_resumes_after_a_kill_to_the_same_weights(chain, tmp_path, mon
     assert sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [r["loss"] for r in _tsv(curves)] == [r["loss"] for r in _tsv(root / "gpt_digit.tsv")]
+    assert [r["loss"] for r in read_curves(curves)] == [
+        r["loss"] for r in read_curves(root / "gpt_digit_curves")
+    ]
     assert resumed["val_nll"] == m["gpt_digit"]["val_nll"]
 
 
@@ -179,7 +176,7 @@ def test_train_gpt_cli_fills_the_variant_into_default_paths(chain, tmp_path, mon
         train_gpt.main(["--params", "params.yaml", "--variant", "vq", "--tokens", str(root / "tokens")]) == 0
     )
     assert (tmp_path / "models/gpt_vq/model.safetensors").is_file()
-    assert len(_tsv(tmp_path / "reports/curves/train_gpt_vq.tsv")) == 2
+    assert len(read_curves(tmp_path / "reports/curves/train_gpt_vq")) == 2
     assert read_json(tmp_path / "metrics/train_gpt_vq.json")["vocab"] == 16
 
 
@@ -195,7 +192,7 @@ def test_train_renderer_outputs_and_val_accuracy(chain):
     metrics = m["renderer"]
     assert metrics["params"] == model.num_params() and metrics["steps"] == 6
     assert metrics["tokens_per_s"] == pytest.approx(32 * metrics["sequences_per_s"])
-    assert [int(r["step"]) for r in _tsv(root / "renderer.tsv")] == list(range(6))
+    assert [int(r["step"]) for r in read_curves(root / "renderer_curves")] == list(range(6))
     samples = list(iter_samples(list_shards(root / "tokens", "val")))
     digit = torch.from_numpy(np.stack([s["digit.npy"] for s in samples]).astype(np.int64)).view(12, 16)
     vq = torch.from_numpy(np.stack([s["vq.npy"] for s in samples]).astype(np.int64)).view(12, 16)

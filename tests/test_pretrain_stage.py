@@ -5,6 +5,7 @@ import torch
 
 from pipeline.encoders import build_encoder
 from pipeline.inspect import inspect_artifact
+from pipeline.live import read_curves
 from stages import prepare, pretrain_encoder
 
 from .conftest import tiny_params
@@ -34,7 +35,7 @@ def pretrained(tmp_path_factory):
     params = tiny_params(pretrain_encoder=TINY_SSL)
     prepare.run(params, out=str(root / "images"))
     metrics = pretrain_encoder.run(
-        params, images=str(root / "images"), out=str(root / "encoder"), curves=str(root / "curves.tsv")
+        params, images=str(root / "images"), out=str(root / "encoder"), curves=str(root / "curves")
     )
     return root, params, metrics
 
@@ -51,8 +52,8 @@ def test_stage_writes_a_loadable_encoder_and_metrics(pretrained):
     assert enc.grid == (4, 4) and enc.dim == 32
     feats = enc.patch_features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert feats.shape == (2, 16, 32) and torch.isfinite(feats).all()
-    header = (root / "curves.tsv").read_text().splitlines()[0].split("\t")
-    assert header[:2] == ["step", "loss"]
+    rows = read_curves(root / "curves")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and {"loss", "lr"} <= set(rows[0])
 
 
 def test_inspect_encoder_checkpoint(pretrained, tmp_path):

@@ -1,4 +1,3 @@
-import csv
 import itertools
 import math
 
@@ -8,6 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.checkpoint import load_checkpoint
+from pipeline.live import read_curves
 from pipeline.metrics.knn import knn_accuracy, knn_predict, mean_patch_features
 from pipeline.ssl import (
     DINO,
@@ -58,8 +58,7 @@ def images(n: int = 12, size: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def read_tsv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    return read_curves(path)  # the dvclive curves fit writes (pipeline/live.py)
 
 
 def test_patch_size_must_divide_img_size():
@@ -158,11 +157,11 @@ def test_a_few_steps_with_the_shared_loop(tmp_path):
         train_config(cfg, device="cpu"),
         tmp_path / "run",
         {"kind": "ssl_pretrain", "config": cfg.to_dict()},
-        log_path=tmp_path / "log.tsv",
+        log_path=tmp_path / "curves",
         progress=False,
     )
     assert summary["steps_run"] == cfg.steps and math.isfinite(summary["final_loss"])
-    rows = read_tsv(tmp_path / "log.tsv")
+    rows = read_tsv(tmp_path / "curves")
     assert len(rows) == cfg.steps
     for key in ("dino_loss", "ibot_loss", "teacher_entropy", "teacher_batch_entropy", "feature_std"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
@@ -305,10 +304,10 @@ def test_koleo_and_head_bn_train(tmp_path):
         train_config(cfg, "cpu"),
         tmp_path / "r",
         {},
-        log_path=tmp_path / "log.tsv",
+        log_path=tmp_path / "curves",
         progress=False,
     )
-    rows = read_tsv(tmp_path / "log.tsv")
+    rows = read_tsv(tmp_path / "curves")
     assert summary["steps_run"] == cfg.steps and all(math.isfinite(float(r["koleo_loss"])) for r in rows)
 
 

@@ -67,7 +67,7 @@ def _chain(params, root):
     prepare.run(params, out=str(root / "images"))
     m_ext = extract.run(params, images=str(root / "images"), out=str(root / "features.zarr"))
     m_km = kmeans.run(params, features=str(root / "features.zarr"), out=str(root / "kmeans"))
-    train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=str(root / "vq.tsv"))
+    train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=str(root / "vq_curves"))
     return m_ext, m_km, _tokenize(params, root)
 
 

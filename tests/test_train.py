@@ -1,5 +1,5 @@
-import csv
 import itertools
+import json
 import math
 import os
 import runpy
@@ -14,16 +14,12 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.live import read_curves
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.train import TrainConfig, TrainingStopped, build_optimizer, fit, lr_at, rank_world
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=32, ffn_dim=64)
-
-
-def read_tsv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 def token_batches(num_classes: int = 0, rows: int = 8):
@@ -83,7 +79,7 @@ def test_resume_after_a_kill_is_exact(tmp_path):
     meta = {"kind": "gpt", "config": cfg.__dict__}
 
     ref = GPT(cfg, seed=0)
-    fit(ref, token_batches(3), train, tmp_path / "ref", meta, tmp_path / "ref.tsv", progress=False)
+    fit(ref, token_batches(3), train, tmp_path / "ref", meta, tmp_path / "ref_curves", progress=False)
 
     def killed_at_6(start):
         for step, batch in zip(itertools.count(start), token_batches(3)(start), strict=False):
@@ -93,24 +89,37 @@ def test_resume_after_a_kill_is_exact(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit(
-            GPT(cfg, seed=0), killed_at_6, train, tmp_path / "run", meta, tmp_path / "run.tsv", progress=False
+            GPT(cfg, seed=0),
+            killed_at_6,
+            train,
+            tmp_path / "run",
+            meta,
+            tmp_path / "run_curves",
+            progress=False,
         )
     assert load_checkpoint(tmp_path / "run" / "last")[1]["step"] == 4
-    assert [r["step"] for r in read_tsv(tmp_path / "run.tsv")] == [str(s) for s in range(6)]
+    assert [r["step"] for r in read_curves(tmp_path / "run_curves")] == list(range(6))
 
     # A fresh process would build the model from its seed again; fit restores everything from run/last.
     resumed = GPT(cfg, seed=123)
     summary = fit(
-        resumed, token_batches(3), train, tmp_path / "run", meta, tmp_path / "run.tsv", progress=False
+        resumed, token_batches(3), train, tmp_path / "run", meta, tmp_path / "run_curves", progress=False
     )
     assert (summary["start_step"], summary["steps_run"]) == (4, 6)
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # exact on CPU
-    rows, ref_rows = read_tsv(tmp_path / "run.tsv"), read_tsv(tmp_path / "ref.tsv")
-    assert [r["step"] for r in rows] == [str(s) for s in range(10)]  # no duplicates after the resume
+    rows, ref_rows = read_curves(tmp_path / "run_curves"), read_curves(tmp_path / "ref_curves")
+    assert [r["step"] for r in rows] == list(range(10))  # no duplicates after the resume
     assert [(r["loss"], r["acc"], r["lr"]) for r in rows] == [
         (r["loss"], r["acc"], r["lr"]) for r in ref_rows
     ]
+    # dvclive's summary: the last row, as an uninterrupted run's
+    summaries = [
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run_curves", "ref_curves")
+    ]
+    assert [{k: m[k] for k in ("step", "loss", "acc", "lr")} for m in summaries] == [
+        {"step": 9, "loss": rows[-1]["loss"], "acc": rows[-1]["acc"], "lr": rows[-1]["lr"]}
+    ] * 2
 
     # Nothing left to do: a rerun returns at once with the saved final loss.
     again = fit(resumed, token_batches(3), train, tmp_path / "run", meta, None, progress=False)
@@ -175,20 +184,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_weights_clean(tmp_path):
     model = Regression()
     train = TrainConfig(steps=10, lr=1e-2, device="cpu")
     with pytest.raises(TrainingStopped, match=r"non-finite loss \(nan\) at step 3"):
-        fit(model, regression_batches(nan_at=3), train, tmp_path, {}, tmp_path / "log.tsv", progress=False)
+        fit(model, regression_batches(nan_at=3), train, tmp_path, {}, tmp_path / "curves", progress=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.seen == [0, 1, 2]  # the bad step never reached the optimizer or the hook
-    assert [r["step"] for r in read_tsv(tmp_path / "log.tsv")] == ["0", "1", "2"]
+    assert [r["step"] for r in read_curves(tmp_path / "curves")] == [0, 1, 2]
 
 
 def test_hooks_logs_and_stop_from_the_model(tmp_path):
     model = Regression()
     train = TrainConfig(steps=7, lr=5e-2, log_every=3, device="cpu", schedule="constant")
-    summary = fit(model, regression_batches(), train, tmp_path, {}, tmp_path / "log.tsv", progress=False)
+    summary = fit(model, regression_batches(), train, tmp_path, {}, tmp_path / "curves", progress=False)
     assert model.seen == list(range(7))
-    rows = read_tsv(tmp_path / "log.tsv")
-    assert list(rows[0]) == ["step", "loss", "lr", "grad_norm", "items_per_s", "seconds", "mae"]
-    assert [r["step"] for r in rows] == ["0", "3", "6"]  # every log_every steps, and the last one
+    rows = read_curves(tmp_path / "curves")
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "items_per_s", "seconds", "mae"}
+    assert [r["step"] for r in rows] == [0, 3, 6]  # every log_every steps, and the last one
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert summary["items_per_s"] > 0 and math.isfinite(summary["final_loss"])
 
@@ -252,7 +261,7 @@ DDP_SCRIPT = textwrap.dedent(
                 yield {"tokens": tokens[rows], "label": labels[rows]}
 
         train = TrainConfig(steps=5, lr=1e-2, warmup_steps=2, device="cpu", checkpoint_every=3)
-        return fit(model, batches, train, run_dir, {"kind": "gpt"}, run_dir / "log.tsv", progress=False)
+        return fit(model, batches, train, run_dir, {"kind": "gpt"}, run_dir / "curves", progress=False)
 
     if __name__ == "__main__":
         main(sys.argv[1])
@@ -291,8 +300,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # lr 1e-2). Ranks that did not sync would differ by ~lr.
     worst = max((ddp_state[k] - one_state[k]).abs().max().item() for k in one_state)
     assert worst < 5e-5, worst
-    ddp_rows, one_rows = read_tsv(tmp_path / "ddp" / "log.tsv"), read_tsv(tmp_path / "single" / "log.tsv")
-    assert [r["step"] for r in ddp_rows] == ["0", "1", "2", "3", "4"]  # rank 0 alone writes the log
+    ddp_rows, one_rows = read_curves(tmp_path / "ddp" / "curves"), read_curves(tmp_path / "single" / "curves")
+    assert [r["step"] for r in ddp_rows] == [0, 1, 2, 3, 4]  # rank 0 alone writes the log
     for a, b in zip(ddp_rows, one_rows, strict=True):
         # Loss and model logs (accuracy) are averaged over the ranks' halves: the global batch's values.
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)

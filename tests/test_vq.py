@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.live import read_curves
 from pipeline.models.vq import EMAQuantizer, VQConfig, VQModel, codebook_usage, load_vq, psnr, vq_meta
 
 TINY = dict(
@@ -217,15 +218,14 @@ def test_fit_improves_psnr_and_checkpoint_round_trips(tmp_path):
     tcfg = TrainConfig(
         steps=150, lr=3e-3, warmup_steps=5, weight_decay=0.0, log_every=10, device="cpu", seed=0
     )
-    summary = fit(model, batches, tcfg, tmp_path / "run", vq_meta(cfg), tmp_path / "log.tsv", progress=False)
+    summary = fit(model, batches, tcfg, tmp_path / "run", vq_meta(cfg), tmp_path / "curves", progress=False)
     assert summary["steps_run"] == 150
     model.eval()
     trained = float(psnr(model.reconstruct(val_x), val_x))
     assert trained > untrained + 5.0, (untrained, trained)
     usage, _ = codebook_usage(model.encode(val_x), cfg.codebook_size)
     assert usage > 0.25
-    header = (tmp_path / "log.tsv").read_text().splitlines()[0].split("\t")
-    assert {"psnr", "perplexity", "usage", "commit"} <= set(header)
+    assert {"psnr", "perplexity", "usage", "commit"} <= set(read_curves(tmp_path / "curves")[0])
 
     loaded = load_vq(tmp_path / "run" / "last")
     assert loaded.cfg == cfg
