@@ -4,10 +4,11 @@ logistic-regression probe per block (full-batch L-BFGS, weight decay chosen on a
 the best block is chosen on held-out train images, never on val.
 
 Streaming: the token subsets are read shard by shard, the features of each batch are appended to one file
-per block in `<out>.tmp/` and the probe reads them back in chunks (pipeline/metrics/probe.py), so memory
+per block in `<live>.features/` and the probe reads them back in chunks (pipeline/metrics/probe.py), so memory
 does not grow with evaluate.probe.train_images; the scratch files are removed at the end.
 
-Writes `<variant>_probe_top1`, `_best_layer`, ... and `reports/probe_<variant>.tsv` (layer, top1).
+Writes `<variant>_probe_top1`, `_best_layer`, ... and, through dvclive, the same figures and the plot of val
+top-1 per block into `reports/eval/probe_<variant>/` (plots/custom/probe.json: layer, top1).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.evaluation import iter_subset, require, write_probe_features
-from pipeline.io import write_tsv
+from pipeline.live import Plot, log_results
 from pipeline.metrics.probe import ProbeConfig, probe_layers
 from pipeline.models.gpt import load_gpt
 from pipeline.shards import list_shards
@@ -38,7 +39,7 @@ PATHS = {
     "variant": "digit",
     "tokens": "data/tokens",
     "gpt": "models/gpt_{variant}",
-    "out": "reports/probe_{variant}.tsv",
+    "live": "reports/eval/probe_{variant}",
     "metrics": "metrics/probe_{variant}.json",
 }
 
@@ -63,19 +64,19 @@ def run(
     variant: str = PATHS["variant"],
     tokens: str = PATHS["tokens"],
     gpt: str = PATHS["gpt"],
-    out: str = PATHS["out"],
+    live: str = PATHS["live"],
     metrics: str | None = None,
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     check_variant(variant)
-    gpt, out = fill_variant(gpt, variant), fill_variant(out, variant)
+    gpt, live = fill_variant(gpt, variant), fill_variant(live, variant)
     p = params.evaluate.probe
     device = resolve_device(params.base.device)
     meta = read_token_meta(tokens)
     field, _, _ = token_spec(meta, variant)
     model = load_gpt(require(gpt, f"{variant} GPT", f"train_gpt --variant {variant}"), str(device))
-    scratch = Path(out).with_name(Path(out).name + ".tmp")
+    scratch = Path(live).with_name(Path(live).name + ".features")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         files, labels = {}, {}
@@ -107,8 +108,7 @@ def run(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_tsv(out, ["layer", "top1"], [{"layer": i + 1, "top1": r.val_top1} for i, r in enumerate(results)])
+    curve = Plot([{"layer": i + 1, "top1": r.val_top1} for i, r in enumerate(results)], x="layer", y="top1")
     m = {
         f"{variant}_probe_top1": results[best].val_top1,
         f"{variant}_probe_best_layer": best + 1,
@@ -121,8 +121,9 @@ def run(
         "probe_seed": p.seed,
         "probe_max_iter": p.max_iter,
         "probe_chance_top1": 1.0 / meta["num_classes"],
-        "seconds": time.perf_counter() - t0,
     }
+    log_results(live, m, plots={"probe": curve})
+    m["seconds"] = time.perf_counter() - t0
     log.info("probe[%s]: best block %d, val top-1 %.3f", variant, best + 1, results[best].val_top1)
     return m
 

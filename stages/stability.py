@@ -3,8 +3,9 @@ pixel noise at each SNR of evaluate.stability.snrs_db, for the DiGIT tokenizer (
 centroids) and the pixel VQ tokenizer. The noise is added to the images in [-1, 1] and both tokenizers see
 the same noisy pixels, unclamped (see pipeline/evaluation.py).
 
-Writes `<tokenizer>_change_rate_<snr>db`, `<tokenizer>_cosine_<snr>db`, their means, and
-`reports/stability.tsv` (snr_db, digit_change_rate, vq_change_rate, digit_cosine, vq_cosine).
+Writes `<tokenizer>_change_rate_<snr>db`, `<tokenizer>_cosine_<snr>db`, their means, and, through dvclive,
+the same figures and the table as a plot into `reports/eval/stability/` (plots/custom/stability.json:
+snr_db, digit_change_rate, vq_change_rate, digit_cosine, vq_cosine).
 `stability_clean_agreement` checks that the adapter is the pipeline's tokenizer: its clean tokens against
 the stored token shards.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from pipeline.evaluation import (
     stack_field,
     vq_stability_tokenizer,
 )
-from pipeline.io import write_tsv
+from pipeline.live import Plot, log_results
 from pipeline.metrics.stability import stability_table
 from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.shards import list_shards
@@ -44,7 +44,7 @@ PATHS = {
     "tokens": "data/tokens",
     "kmeans": "models/kmeans",
     "vq": "models/vq",
-    "out": "reports/stability.tsv",
+    "live": "reports/eval/stability",
     "metrics": "metrics/stability.json",
 }
 COLUMNS = ["snr_db", "digit_change_rate", "vq_change_rate", "digit_cosine", "vq_cosine"]
@@ -61,7 +61,7 @@ def run(
     tokens: str = PATHS["tokens"],
     kmeans: str = PATHS["kmeans"],
     vq: str = PATHS["vq"],
-    out: str = PATHS["out"],
+    live: str = PATHS["live"],
     metrics: str | None = None,
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
@@ -105,8 +105,7 @@ def run(
     for name in ("digit", "vq"):
         m[f"{name}_mean_change_rate"] = float(np.mean([r["change_rate"] for r in tables[name]]))
         m[f"{name}_mean_cosine"] = float(np.mean([r["cosine"] for r in tables[name]]))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_tsv(out, COLUMNS, rows)
+    log_results(live, m, plots={"stability": Plot(rows, x="snr_db", y=COLUMNS[1:])})
     m["seconds"] = time.perf_counter() - t0
     log.info(
         "stability: mean change rate digit %.3f vq %.3f",

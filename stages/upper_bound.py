@@ -11,16 +11,15 @@ shrinks). The renderer samples with sample.renderer's knobs; image j is drawn wi
 
 The images are streamed batch by batch into shards (`data/upper_bound/{digit_renderer,vq_recon}-NNNNN.tar`,
 keys and classes of the val images; cached by DVC, open them with `digit inspect`) and measured from there;
-`reports/upper_bounds.png` shows the first val images, their VQ reconstructions and their rendered tokens.
+Through dvclive, `reports/eval/upper_bound/` holds the figures and a picture of the first val images, their
+VQ reconstructions and their rendered tokens (plots/images/upper_bounds.png).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from pipeline.config import Params
 from pipeline.evaluation import image_subset, iter_subset, render_true_tokens, require, vq_reconstructions
 from pipeline.io import atomic_dir
+from pipeline.live import log_results
 from pipeline.models.judge import evaluate_accuracy, judge_is_trained, load_judge
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq
@@ -36,7 +36,7 @@ from pipeline.shards import ShardImages, ShardSink, list_shards
 from pipeline.stage import MapJobs, stage_main
 from pipeline.stream import read_token_meta
 from pipeline.train import resolve_device
-from pipeline.viz import image_grid, save_png
+from pipeline.viz import image_grid
 from stages.fidelity import fidelity_metrics
 from stages.sample import knob_metrics
 from stages.train_gpt import token_spec
@@ -50,7 +50,7 @@ PATHS = {
     "judge": "models/judge",
     "reference": "data/reference",
     "out": "data/upper_bound",
-    "grid": "reports/upper_bounds.png",
+    "live": "reports/eval/upper_bound",
     "metrics": "metrics/upper_bound.json",
 }
 SETS = ("digit_renderer", "vq_recon")
@@ -91,7 +91,7 @@ def run(
     judge: str = PATHS["judge"],
     reference: str = PATHS["reference"],
     out: str = PATHS["out"],
-    grid: str | None = PATHS["grid"],
+    live: str = PATHS["live"],
     metrics: str | None = None,
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
@@ -153,15 +153,12 @@ def run(
                 m[f"upper_{name}_class_top1"] = evaluate_accuracy(scorer, made, made.labels, ub.batch_size)
     floor = image_subset(images, "train", n, params.evaluate.fidelity.seed)
     m |= fidelity_metrics("upper_real", floor, params, judge, reference)
-    if grid:
-        picture = image_grid(
-            [shown["real"], shown["vq_recon"], shown["digit_renderer"]],
-            ["val", "VQ recon", "true DiGIT -> renderer"],
-            title="upper bounds",
-        )
-        partial = Path(grid).with_name(Path(grid).name + ".tmp")
-        save_png(picture, partial)
-        os.replace(partial, grid)
+    picture = image_grid(
+        [shown["real"], shown["vq_recon"], shown["digit_renderer"]],
+        ["val", "VQ recon", "true DiGIT -> renderer"],
+        title="upper bounds",
+    )
+    log_results(live, m, images={"upper_bounds.png": picture})
     m["seconds"] = time.perf_counter() - t0
     log.info(
         "upper_bound: FID true DiGIT -> renderer %.2f, VQ recon %.2f, real %.2f",

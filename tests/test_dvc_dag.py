@@ -6,6 +6,7 @@ torch start-up per stage), and `dvc commit` records the result in dvc.lock; from
 `dvc status`, then `dvc repro` runs the stale stages as subprocesses and skips the others."""
 
 import importlib
+import json
 import shutil
 import subprocess
 
@@ -83,6 +84,15 @@ def test_repro_runs_the_whole_dag_and_then_nothing(project):
     assert "Data and pipelines are up to date." in _run(project, "dvc", "status")
     shown = _run(project, "dvc", "metrics", "show")
     assert "digit_fid_over_vq_fid" in shown and "digit_probe_top1" in shown and "upper_vq_recon_fid" in shown
+    # the evaluation plots and pictures, logged through dvclive, render in `dvc plots show`
+    plots = json.loads(run_module(project, "dvc", "plots", "show", "--json", stdout_only=True))["data"]
+    probe = plots["Linear probe val top-1 per GPT block"][0]["content"]["data"]["values"]
+    assert {row["filename"] for row in probe} == {
+        f"probe_{v}/plots/custom/probe.json" for v in ("digit", "vq")
+    }
+    table = plots["Token change rate under pixel noise (Table 1)"][0]["content"]["data"]["values"]
+    assert {row["snr_db"] for row in table} == {20.0, 5.0}
+    assert any(key.endswith("upper_bounds.png") for key in plots)
 
 
 def test_a_sampling_knob_reruns_sampling_and_what_reads_samples_only(project):

@@ -3,6 +3,7 @@ upper_bound, compare), end to end on tiny data made by the real upstream stages 
 train_vq → tokenize → train_gpt ×2 → train_renderer → sample ×2)."""
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -82,9 +83,9 @@ def eval_paths(root: Path) -> dict[str, dict[str, str]]:
         "fidelity_real": {k: r[k] for k in ("images", "judge", "reference")},
         "probe": {"tokens": r["tokens"]},
         "stability": {k: r[k] for k in ("images", "tokens", "kmeans", "vq")}
-        | {"out": str(root / "stability.tsv")},
+        | {"live": str(root / "live_stability")},
         "upper_bound": {k: r[k] for k in ("images", "tokens", "vq", "renderer", "judge", "reference")}
-        | {"out": str(root / "upper"), "grid": str(root / "upper.png")},
+        | {"out": str(root / "upper"), "live": str(root / "live_upper")},
     }
     for v in ("digit", "vq"):
         out[f"fidelity_{v}"] = {"variant": v, "samples": str(root / f"samples_{v}"), "judge": r["judge"]}
@@ -94,7 +95,7 @@ def eval_paths(root: Path) -> dict[str, dict[str, str]]:
             "variant": v,
             "tokens": r["tokens"],
             "gpt": str(root / f"gpt_{v}"),
-            "out": str(root / f"probe_{v}.tsv"),
+            "live": str(root / f"live_probe_{v}"),
         }
     return out
 
@@ -147,7 +148,7 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     (root / "metrics").mkdir()
     for name, stage in STAGES.items():
         m[name] = stage.run(params, **paths[name])
-        (root / "metrics" / f"{name}.json").write_text(__import__("json").dumps(m[name]))
+        (root / "metrics" / f"{name}.json").write_text(json.dumps(m[name]))
     m["compare"] = compare.run(params, metrics_dir=str(root / "metrics"))
     return root, params, m, paths
 
@@ -155,6 +156,11 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
 def _tsv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _plot(live, name):
+    """The rows of a final plot logged through dvclive (pipeline/live.py:log_results)."""
+    return json.loads((Path(live) / "plots" / "custom" / f"{name}.json").read_text())
 
 
 def _val_images(root, n=None):
@@ -282,20 +288,24 @@ def test_probe_tsv_matches_the_metrics(chain):
     for v in ("digit", "vq"):
         metrics = m[f"probe_{v}"]
         _finite(metrics)
-        rows = _tsv(root / f"probe_{v}.tsv")
-        assert list(rows[0]) == ["layer", "top1"] and [int(r["layer"]) for r in rows] == [1, 2]
+        rows = _plot(root / f"live_probe_{v}", "probe")
+        assert sorted(rows[0]) == ["layer", "top1"] and [int(r["layer"]) for r in rows] == [1, 2]
+        live = json.loads((root / f"live_probe_{v}" / "metrics.json").read_text())
+        assert live[f"{v}_probe_top1"] == metrics[f"{v}_probe_top1"]  # the figures, through dvclive
         best = metrics[f"{v}_probe_best_layer"]
         assert best in (1, 2) and metrics[f"{v}_probe_layers"] == 2
         assert float(rows[best - 1]["top1"]) == pytest.approx(metrics[f"{v}_probe_top1"], abs=1e-6)
         assert float(rows[-1]["top1"]) == pytest.approx(metrics[f"{v}_probe_top1_last_layer"], abs=1e-6)
         assert metrics["probe_train_images"] == N_TRAIN and metrics["probe_val_images"] == N_VAL
-    assert not (root / "probe_digit.tsv.tmp").exists()  # the streamed features are scratch
+    assert not (root / "live_probe_digit.features").exists()  # the streamed features are scratch
 
 
 def test_stability_tsv_rows_and_trend(chain):
     root, _, m, _ = chain
-    rows = _tsv(root / "stability.tsv")
-    assert list(rows[0]) == ["snr_db", "digit_change_rate", "vq_change_rate", "digit_cosine", "vq_cosine"]
+    rows = _plot(root / "live_stability", "stability")
+    assert sorted(rows[0]) == sorted(
+        ["snr_db", "digit_change_rate", "vq_change_rate", "digit_cosine", "vq_cosine"]
+    )
     assert [float(r["snr_db"]) for r in rows] == list(SNRS)
     metrics = m["stability"]
     _finite(metrics)
@@ -336,7 +346,7 @@ def test_upper_bound_images_metrics_and_grid(chain):
     # batched decode (the default) may differ from a one-image decode in the last bit of a pixel
     got = recon[0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(got - expected.astype(int)).max() <= 1
-    assert (root / "upper.png").is_file() and not (root / "upper.tmp").exists()
+    assert (root / "live_upper/plots/images/upper_bounds.png").is_file() and not (root / "upper.tmp").exists()
 
 
 def test_compare_ratios_follow_from_the_stage_metrics(chain):
@@ -360,7 +370,7 @@ def test_stage_reruns_via_cli_are_reproducible(chain, tmp_path, monkeypatch):
     for name in ("upper_bound", "probe_digit"):
         argv = ["--params", "params.yaml", "--metrics", str(tmp_path / f"{name}.json")]
         for key, value in paths[name].items():
-            if key in ("out", "grid"):
+            if key in ("out", "live"):
                 value = str(tmp_path / Path(value).name)
             argv += [f"--{key.replace('_', '-')}", value]
         assert STAGES[name].main(argv) == 0
@@ -368,7 +378,10 @@ def test_stage_reruns_via_cli_are_reproducible(chain, tmp_path, monkeypatch):
         assert {k: v for k, v in again.items() if k != "seconds"} == {
             k: v for k, v in m[name].items() if k != "seconds"
         }
-    assert (tmp_path / "probe_digit.tsv").read_bytes() == (root / "probe_digit.tsv").read_bytes()
+    plot = "plots/custom/probe.json"
+    assert (tmp_path / "live_probe_digit" / plot).read_bytes() == (
+        root / "live_probe_digit" / plot
+    ).read_bytes()
     for shard in list_shards(root / "upper", "digit_renderer"):
         assert (tmp_path / "upper" / shard.name).read_bytes() == shard.read_bytes()
 
