@@ -105,7 +105,7 @@ def make_params(args: argparse.Namespace, encoder_dir: Path, n: int, views: int)
             "extract.sample": 1.0,
             "tokenize.views": views,
             "tokenize.batch_size": args.batch_size,
-            "tokenize.workers": args.workers,
+            "tokenize.workers": args.workers if args.workers == "auto" else int(args.workers),
             "train_vq.train": {"steps": 1, "warmup_steps": 0, "batch_size": 4, "checkpoint_every": 1},
         },
     )
@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=DEMO.tokenize.batch_size)
     ap.add_argument("--shard-size", type=int, default=100, help="images per shard (several shards per set)")
-    ap.add_argument("--workers", type=int, default=DEMO.tokenize.workers)
+    ap.add_argument("--workers", default=str(DEMO.tokenize.workers), help="DataLoader workers, or auto")
     ap.add_argument(
         "--repeats", type=int, default=2, help="child runs per setting, interleaved (best wall kept)"
     )

@@ -99,6 +99,11 @@ class Crop(Section):
         return self
 
 
+def _check_workers(workers: int | str) -> None:
+    if isinstance(workers, int) and workers < 0:
+        raise ValueError(f"workers must be >= 0 or 'auto', got {workers}")
+
+
 class Extract(Section):
     """The K-Means input: patch features of a seeded sample of train images, each as one K-Means view."""
 
@@ -114,10 +119,14 @@ class Extract(Section):
     chunk_images: int = Field(
         1000, ge=1, description="at most this many images per Zarr chunk (= per resumable job), balanced"
     )
-    workers: int = Field(1, ge=0, description="DataLoader processes decoding the PNGs (0: the main process)")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader processes decoding PNGs; auto: 0 (in the main process) on CPU, min(8, cores) on CUDA",
+    )
 
     @model_validator(mode="after")
     def _sample(self) -> Extract:
+        _check_workers(self.workers)
         if isinstance(self.sample, float) and not 0 < self.sample <= 1:
             raise ValueError(f"sample: a fraction must lie in (0, 1], got {self.sample}")
         if isinstance(self.sample, int) and self.sample < 1:
@@ -141,7 +150,15 @@ class Tokenize(Section):
     views: int = Field(1, ge=1, le=64, description="V: token views per image (view 0 = the centre image)")
     seed: int = Field(0, ge=0, description="the crops of views 1..V-1, seeded by (seed, image, view)")
     crop: Crop = Crop()
-    workers: int = Field(1, ge=0, description="DataLoader processes decoding the PNGs (0: the main process)")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader processes decoding PNGs; auto: 0 (in the main process) on CPU, min(8, cores) on CUDA",
+    )
+
+    @model_validator(mode="after")
+    def _workers(self) -> Tokenize:
+        _check_workers(self.workers)
+        return self
 
 
 class Train(Section):

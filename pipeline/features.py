@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import shutil
 import tarfile
 from collections.abc import Callable, Sequence
@@ -183,6 +184,15 @@ class ImageViews(torch.utils.data.Dataset):
                 f"[{self.image_size}, {self.image_size}, 3] (base.image_size); rerun prepare"
             )
         return torch.from_numpy(self.plan.make(image, it.split, it.row))
+
+
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """DataLoader worker processes for a `workers` setting. "auto": none on CPU, where decoding in other
+    processes takes the cores the encoder's threads run on (measured slower on the 2-core demo machine), and
+    min(8, cores) on CUDA, where the CPU is otherwise idle and decoding would starve the device."""
+    if workers != "auto":
+        return int(workers)
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def stack_views(items: list[torch.Tensor]) -> torch.Tensor:

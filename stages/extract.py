@@ -32,6 +32,7 @@ from pipeline.features import (
     create_or_resume,
     extract_chunk,
     fingerprint,
+    resolve_workers,
     sample_count,
     shard_layout,
 )
@@ -98,9 +99,8 @@ def run(
     }
     attrs["fingerprint"] = fingerprint(attrs)
     partial = Path(out + ".partial")
-    settings = ExtractSettings(
-        params.encoder, params.base, images, plan, p.batch_size, p.workers, tuple(train)
-    )
+    workers = resolve_workers(p.workers, encoder.device)
+    settings = ExtractSettings(params.encoder, params.base, images, plan, p.batch_size, workers, tuple(train))
     with ranks.process_group(resolve_device(params.base.device)) as (rank, world):
         pending: list[int] | None = None
         if rank == 0:

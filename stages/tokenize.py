@@ -1,9 +1,10 @@
 """Stage `tokenize`: DiGIT tokens and pixel-VQ tokens of V views of every image → token WebDataset shards.
 
 Images → encoder (fp32, block `encoder.layer` through the final norm) → exact nearest centroid, fused and
-batched on `base.device`, with DataLoader workers decoding the PNGs; the pixel VQ encodes the same views on
-the same device. View 0 is the stored (centre) image; views 1..V-1 (`tokenize.views`) are random resized
-crops + flips seeded by (seed, image, view), the same pixels for both tokenizers.
+batched on `base.device`, fed by a DataLoader (`tokenize.workers` processes decode the PNGs and cut the
+views); the pixel VQ encodes the same views on the same device. View 0 is the stored (centre) image;
+views 1..V-1 (`tokenize.views`) are random resized crops + flips seeded by (seed, image, view), the same
+pixels for both tokenizers.
 
 Each image shard `<split>-NNNNN.tar` gets a token shard of the same name and keys holding `digit.npy`
 (uint16 [h, w], view 0, raster order), `vq.npy` (uint16 [h', w'], view 0), `cls`, and for V > 1
@@ -43,6 +44,7 @@ from pipeline.features import (
     ShardRows,
     ViewPlan,
     fingerprint,
+    resolve_workers,
     shard_items,
     shard_layout,
     view_loader,
@@ -268,7 +270,7 @@ def run(
         images,
         plan,
         p.batch_size,
-        p.workers,
+        resolve_workers(p.workers, device),
     )
     layout = shard_layout(images)
     blocks = [b for split in layout.values() for b in split]

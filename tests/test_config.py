@@ -94,3 +94,6 @@ def test_extract_sample_is_a_fraction_or_a_count_and_crops_are_ranges():
         parse_params({"tokenize": {"crop": {"scale": [0.9, 0.5]}}})
     with pytest.raises(ParamsError, match=r"tokenize.views: Input should be greater than or equal to 1"):
         parse_params({"tokenize": {"views": 0}})
+    assert parse_params({"tokenize": {"workers": "auto"}}).tokenize.workers == "auto"
+    with pytest.raises(ParamsError, match=r"extract: workers must be >= 0 or 'auto', got -1"):
+        parse_params({"extract": {"workers": -1}})
