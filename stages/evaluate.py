@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import GPTSampler, Params, Sampler
+from pipeline.config import GPTSampler, Params, RendererSampler
 from pipeline.evaluation import (
     DigitStabilityTokenizer,
     gpt_probe_features,
@@ -53,6 +53,7 @@ from pipeline.metrics.probe import ProbeConfig, probe_layers
 from pipeline.metrics.stability import stability_table
 from pipeline.models.gpt import load_gpt
 from pipeline.models.judge import Judge, evaluate_accuracy, load_judge
+from pipeline.models.nar_renderer import NARRenderer
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.shards import list_shards
@@ -168,7 +169,7 @@ def sample_set(samples_dir: str, variant: str) -> tuple[np.ndarray, np.ndarray, 
         **knob_metrics(f"{variant}_gpt", GPTSampler.model_validate(settings["gpt"])),
     }
     if "renderer" in settings:
-        knobs |= knob_metrics(f"{variant}_renderer", Sampler.model_validate(settings["renderer"]))
+        knobs |= knob_metrics(f"{variant}_renderer", RendererSampler.model_validate(settings["renderer"]))
     return images, labels.astype(np.int64), knobs
 
 
@@ -209,17 +210,16 @@ def upper_bounds(
             vq_grid,
             [t["__index__"] for t in token_rows],
             ub.seed,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
             batch_invariant=s.batch_invariant,
             batch_size=ub.batch_size,
+            **r.generate_kwargs(nar=isinstance(render, NARRenderer)),
         ),
     }
     knobs = {
         "upper_bound_seed": ub.seed,
         "upper_bound_batch_invariant": int(s.batch_invariant),
         **knob_metrics("upper_renderer", r),
+        "upper_renderer_nar": int(isinstance(render, NARRenderer)),
     }
     return out, labels, knobs
 
