@@ -129,8 +129,9 @@ class NARRenderer(nn.Module):
         if digit.shape[0] != B:
             raise ValueError(f"batch: digit has {digit.shape[0]} rows but vq has {B}")
         gen = None if self.training else torch.Generator().manual_seed(0)
-        u = torch.rand(B, generator=gen, device="cpu" if gen else vq.device)
-        scores = torch.rand(B, M, generator=gen, device="cpu" if gen else vq.device)
+        where = vq.device if gen is None else torch.device("cpu")  # a seeded generator lives on the CPU
+        u = torch.rand(B, generator=gen, device=where)
+        scores = torch.rand(B, M, generator=gen, device=where)
         n = train_mask_counts(M, u).to(vq.device)
         # the n lowest-scoring positions of each row: a uniformly random subset of size n
         masked = scores.to(vq.device).argsort(dim=1).argsort(dim=1) < n[:, None]
