@@ -1,4 +1,4 @@
-"""The `digit` command: inspect artifacts, run the Prefect flow, print the stages' wall times."""
+"""The `digit` command: inspect artifacts, run the Prefect flow, print the stages' wall times, apply presets."""
 
 from __future__ import annotations
 
@@ -43,7 +43,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_times = sub.add_parser("times", help="per-stage wall times of the last run (from metrics/*.json)")
     p_times.add_argument("--metrics", default="metrics", help="metrics directory (default: %(default)s)")
+    p_preset = sub.add_parser(
+        "preset", help="merge named recipes (presets/*.yaml, e.g. imagenet-base) into params.yaml"
+    )
+    p_preset.add_argument("names", nargs="*", help="presets, applied left to right (or paths to .yaml files)")
+    p_preset.add_argument(
+        "--params", default="params.yaml", help="the params file to edit (default: %(default)s)"
+    )
+    p_preset.add_argument(
+        "--dry-run", action="store_true", help="validate and print the changes; write nothing"
+    )
+    p_preset.add_argument("--list", action="store_true", help="list the available presets")
     args = parser.parse_args(argv)
+
+    if args.cmd == "preset":
+        from pipeline.presets import PRESETS_DIR, PresetError, apply_presets, available
+
+        if args.list or not args.names:
+            for name in available():
+                first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+                print(f"{name}: {first}")
+            return 0
+        try:
+            _, changes = apply_presets(args.names, args.params, write=not args.dry_run)
+        except PresetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for key, old, new in changes:
+            print(f"{key}: {old!r} -> {new!r}")
+        verb = "would change" if args.dry_run else "changed"
+        print(f"{args.params}: {verb} {len(changes)} value(s); validated")
+        return 0
 
     if args.cmd == "inspect":
         from pipeline.inspect import inspect_artifact

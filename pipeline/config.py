@@ -141,6 +141,11 @@ class KMeans(Section):
     max_points_per_centroid: int = Field(256, ge=1, description="faiss subsamples to K × this many points")
     sample_patches: int = Field(65536, ge=1, description="train patches read from the feature store")
     gpu: Literal["auto", "on", "off"] = "auto"
+    centroids: str | None = Field(
+        None,
+        description="a [K, D] .npy of given centroids (e.g. the authors' km_8k.npy): K-Means is skipped, the "
+        "usage statistics are still computed on the sample; K must equal k and D the encoder's",
+    )
 
 
 class Tokenize(Section):
@@ -166,8 +171,15 @@ class Train(Section):
 
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch (split over torchrun processes)")
+    accum_steps: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step: each process runs batch_size / (processes × "
+        "accum_steps) rows at a time; the same global batch, hence the same training (pipeline/train.py)",
+    )
     lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
+    warmup_init_lr: float = Field(0.0, ge=0, description="inverse_sqrt: lr of step 0 (fairseq)")
     schedule: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -184,6 +196,10 @@ class Train(Section):
     def _warmup(self) -> Train:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is not divisible by accum_steps ({self.accum_steps})"
+            )
         return self
 
 
@@ -219,12 +235,23 @@ class ModelSize(Section):
     n_embd: int | None = Field(None, ge=8)
     ffn_dim: int | None = Field(None, ge=8)
     dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float | None = Field(None, ge=0, lt=1, description="on attention weights; None = dropout")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    norm: Literal["pre", "post"] = Field(
+        "pre",
+        description="pre-LN, or post: the reference's fairseq decoder (post-LN, √d embeddings, no final LN)",
+    )
 
     def overrides(self) -> dict[str, Any]:
         keys = ("n_layer", "n_head", "n_embd", "ffn_dim")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        return {**out, "dropout": self.dropout, "label_smoothing": self.label_smoothing}
+        return {
+            **out,
+            "dropout": self.dropout,
+            "attn_dropout": self.attn_dropout,
+            "label_smoothing": self.label_smoothing,
+            "norm": self.norm,
+        }
 
 
 class GPTModel(ModelSize):
@@ -232,16 +259,53 @@ class GPTModel(ModelSize):
     class_dropout: float = Field(
         0.1, ge=0, lt=1, description="share of rows trained unconditionally (for CFG)"
     )
+    use_eos: bool = Field(False, description="also predict EOS after the last token (the reference's target)")
+
+    def overrides(self) -> dict[str, Any]:
+        return {**super().overrides(), "use_eos": self.use_eos}
+
+
+def _merged(section: BaseModel, changes: dict[str, Any], where: str) -> Any:
+    """`section` with the keys of `changes` replaced, validated as the same type (errors name `where`)."""
+    try:
+        return type(section).model_validate({**section.model_dump(), **changes})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'section'}: {x['msg']}" for x in e.errors())
+        raise ValueError(f"{where}: {problems}") from None
 
 
 class TrainGPT(Section):
-    """Stage-1 GPT, trained on DiGIT tokens (and, as the baseline, on VQ tokens) with the same settings."""
+    """Stage-1 GPT, trained on DiGIT tokens and, as the baseline, on VQ tokens: the same settings, except the
+    keys given in vq_model / vq_train (the paper's VQ-AR baseline is unconditional and pre-LN)."""
 
     model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768)
     train: Train = _train(steps=800, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
+    vq_model: dict[str, Any] = Field(
+        default_factory=dict, description="keys of train_gpt.model that differ for variant vq"
+    )
+    vq_train: dict[str, Any] = Field(
+        default_factory=dict, description="keys of train_gpt.train that differ for variant vq"
+    )
+
+    @model_validator(mode="after")
+    def _variant_overrides(self) -> TrainGPT:
+        # the vq variant's merged sections must validate too, before any work
+        self.model_for("vq")
+        self.train_for("vq")
+        return self
+
+    def model_for(self, variant: str) -> GPTModel:
+        return _merged(self.model, self.vq_model, "train_gpt.vq_model") if variant == "vq" else self.model
+
+    def train_for(self, variant: str) -> Train:
+        return _merged(self.train, self.vq_train, "train_gpt.vq_train") if variant == "vq" else self.train
 
 
 class RendererModel(ModelSize):
+    kind: Literal["ar", "nar"] = Field(
+        "ar",
+        description="ar: autoregressive (models/renderer.py); nar: MaskGIT-style (models/nar_renderer.py)",
+    )
     aligned: bool = Field(
         True, description="also give each VQ input the DiGIT token at its image location (models/renderer.py)"
     )
@@ -264,6 +328,20 @@ class GPTSampler(Sampler):
     cfg_scale: float = Field(2.0, ge=0, description="classifier-free guidance; 1 = plain conditional")
 
 
+class RendererSampler(Sampler):
+    nar_steps: int = Field(8, ge=1, description="NAR renderer only: parallel decoding steps")
+    nar_choice_temperature: float = Field(
+        4.5, ge=0, description="NAR renderer only: Gumbel noise on the re-masking confidence (annealed to 0)"
+    )
+
+    def generate_kwargs(self, nar: bool) -> dict[str, Any]:
+        """Keyword arguments of the renderer's generate (an AR renderer has no steps or choice temperature)."""
+        kw: dict[str, Any] = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+        if nar:
+            kw |= {"steps": self.nar_steps, "choice_temperature": self.nar_choice_temperature}
+        return kw
+
+
 class Sample(Section):
     n: int = Field(500, ge=1, description="images per variant (balanced over classes if class-conditional)")
     batch_size: int = Field(50, ge=1, description="rows per decode batch (CFG doubles what the trunk runs)")
@@ -273,7 +351,15 @@ class Sample(Section):
         False, description="rows computed one at a time: identical for any batch size, several times slower"
     )
     gpt: GPTSampler = GPTSampler(top_k=100)
-    renderer: Sampler = Sampler(top_p=0.5)
+    gpt_vq: GPTSampler | None = Field(None, description="stage 1 of variant vq; None = the same as gpt")
+    renderer: RendererSampler = RendererSampler(top_p=0.5)
+
+    def gpt_for(self, variant: str) -> GPTSampler:
+        return self.gpt_vq if variant == "vq" and self.gpt_vq is not None else self.gpt
+
+    def gpt_key(self, variant: str) -> str:
+        """The params key of the variant's stage-1 sampler."""
+        return "gpt_vq" if variant == "vq" and self.gpt_vq is not None else "gpt"
 
 
 class TrainJudge(Section):

@@ -27,6 +27,7 @@ from pipeline.assign import assign
 from pipeline.encoders import Encoder
 from pipeline.metrics.probe import FeatureFile
 from pipeline.models.gpt import GPT, rowwise
+from pipeline.models.nar_renderer import NARRenderer
 from pipeline.models.renderer import Renderer
 from pipeline.pixel_vq import to_model_range, to_uint8
 from pipeline.sampling import sample_generators
@@ -185,7 +186,7 @@ def _decode(vq: nn.Module, ids: torch.Tensor, batch_invariant: bool) -> np.ndarr
 
 @torch.no_grad()
 def render_true_tokens(
-    renderer: Renderer,
+    renderer: Renderer | NARRenderer,
     vq: nn.Module,
     digit_tokens: torch.Tensor,
     vq_grid: tuple[int, int],
@@ -197,11 +198,13 @@ def render_true_tokens(
     batch_invariant: bool = False,
     batch_size: int = 50,
     progress: bool = True,
+    **nar_options: Any,
 ) -> np.ndarray:
     """Upper bound (a): true DiGIT tokens [N, T] -> renderer -> VQ decoder -> uint8 [N, H, W, 3].
 
     Image j is drawn with the generator of sample_generators(seed, [indices[j]]), so it depends on its own
-    index (its position in the val set), never on the batch or on which other images were chosen."""
+    index (its position in the val set), never on the batch or on which other images were chosen.
+    nar_options (steps, choice_temperature) go to a NAR renderer's generate."""
     if len(indices) != len(digit_tokens):
         raise ValueError(f"{len(digit_tokens)} token rows but {len(indices)} indices")
     device = renderer.digit_emb.weight.device
@@ -212,7 +215,13 @@ def render_true_tokens(
         rows = digit_tokens[start : start + batch_size].to(device)
         gens = sample_generators(seed, list(indices[start : start + batch_size]))
         ids = renderer.generate(
-            rows, gens, temperature=temperature, top_k=top_k, top_p=top_p, batch_invariant=batch_invariant
+            rows,
+            gens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            batch_invariant=batch_invariant,
+            **nar_options,
         )
         out.append(_decode(vq, ids.view(-1, *vq_grid), batch_invariant))
     return np.concatenate(out)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import faiss
@@ -213,6 +214,34 @@ def sample_patches(array: Any, n_sample: int, seed: int, chunk_images: int | Non
                 bar.update(end - begin)
             begin = end
     return out
+
+
+def read_centroids(path: str | Path, k: int, dim: int, encoder: str) -> np.ndarray:
+    """Given centroids (e.g. the DiGIT authors' km_8k.npy) as float32 [K, D], checked against the codebook
+    size `k` and the encoder's feature dimension `dim` (`encoder` names the encoder in the error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KMeansError(f"kmeans.centroids: {path} is not a file (expected a [K, D] .npy array)")
+    try:
+        c = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise KMeansError(f"kmeans.centroids: {path} is not a readable .npy array ({e})") from None
+    if c.ndim != 2 or not np.issubdtype(c.dtype, np.floating):
+        raise KMeansError(
+            f"kmeans.centroids: {path} holds {c.dtype} {c.shape}; expected a float [K, D] array"
+        )
+    if c.shape[1] != dim:
+        raise KMeansError(
+            f"kmeans.centroids: {path} has D={c.shape[1]}, but the encoder's features have D={dim} ({encoder}); "
+            "the centroids must come from the same encoder and layer"
+        )
+    if c.shape[0] != k:
+        raise KMeansError(
+            f"kmeans.centroids: {path} has K={c.shape[0]} centroids but kmeans.k is {k}; set k to {c.shape[0]}"
+        )
+    if not np.isfinite(c).all():
+        raise KMeansError(f"kmeans.centroids: {path} contains NaN or inf")
+    return np.ascontiguousarray(c, dtype=np.float32)
 
 
 def cluster_usage(assignments: np.ndarray, k: int) -> tuple[np.ndarray, float, int]:

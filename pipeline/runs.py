@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 def train_config(t: Train, device: str) -> TrainConfig:
     return TrainConfig(
         steps=t.steps,
+        accum_steps=t.accum_steps,
         lr=t.lr,
         warmup_steps=t.warmup_steps,
+        warmup_init_lr=t.warmup_init_lr,
         schedule=t.schedule,
         min_lr_ratio=t.min_lr_ratio,
         weight_decay=t.weight_decay,

@@ -19,6 +19,16 @@ Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1 in the environm
 group (gloo on CPU, NCCL on CUDA), wraps the model in DDP (gradients averaged over ranks, so N ranks with
 per-rank batch B match one process with batch N*B), and rank 0 alone writes checkpoints and the curves; the
 logged loss and model logs are averaged over ranks.
+
+Gradient accumulation (cfg.accum_steps = A): each batch is split into A equal micro-batches along dim 0; each
+runs forward and backward on loss / A (under DDP the first A - 1 inside no_sync, so ranks all-reduce once per
+step), then one clip and one optimizer step. For a loss that is a mean over rows of per-row terms (the GPTs'
+and renderers' token cross-entropy, label smoothing included: it is a per-token term) the summed gradient is
+the big batch's, up to float summation order (tested). What cannot be the same draw is randomness inside the
+forward: micro-batch m of rank r re-seeds the global RNG with derive_seed(seed, step, r·A + m) (with A = 1
+exactly the seed used before), so dropout and class dropout are i.i.d. as in the big batch, and a run with
+(ranks, A) equals one with (ranks·A, 1) draw for draw — but not the masks of one A = 1 pass over 4x the rows.
+Batch statistics (BatchNorm, a VQ codebook's EMA, SSL centering) are per micro-batch: not exact there.
 """
 
 from __future__ import annotations
@@ -70,6 +80,8 @@ class TrainConfig:
     )
     device: str = "auto"  # auto = cuda if available | cpu | cuda | cuda:N
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in some steps
+    accum_steps: int = 1  # micro-batches per optimizer step (the batch is split, see the module docstring)
+    warmup_init_lr: float = 0.0  # inverse_sqrt only: lr of step 0 (fairseq's --warmup-init-lr)
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -77,7 +89,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp: expected one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("steps", "checkpoint_every", "log_every"):
+        for name in ("steps", "checkpoint_every", "log_every", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.lr <= 0:
@@ -88,17 +100,26 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of 0-based `step`: linear warm-up to cfg.lr, then the schedule (floor: min_lr_ratio)."""
+    """Learning rate of 0-based `step` (the number of updates done before it).
+
+    cosine / constant: linear warm-up lr·(step+1)/W, then the schedule (floor: min_lr_ratio).
+    inverse_sqrt: fairseq's, update for update (fairseq/optim/lr_scheduler/inverse_square_root_schedule.py:
+    the trainer calls step_update(num_updates) after each update, so update k runs at
+    warmup_init_lr + k·(lr − warmup_init_lr)/W for k < W and at lr·sqrt(W/k) from k = W on), then the floor.
+    """
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "inverse_sqrt":
+        w = cfg.warmup_steps
+        if step < w:
+            return cfg.warmup_init_lr + step * (cfg.lr - cfg.warmup_init_lr) / w
+        return cfg.lr * max(floor, math.sqrt(max(w, 1) / max(step, 1)))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         factor = 1.0
-    elif cfg.schedule == "cosine":
+    else:  # cosine
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         factor = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:  # inverse_sqrt, fairseq-style: continuous with the warm-up's end
-        factor = max(floor, math.sqrt(max(1, cfg.warmup_steps) / (step + 1)))
     return cfg.lr * factor
 
 
@@ -189,6 +210,62 @@ def _batch_rows(batch: dict[str, Any]) -> int:
     return 0
 
 
+def micro_batches(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """`batch` split into n equal parts along dim 0 (tensors with a batch dimension; other values shared)."""
+    if n == 1:
+        return [batch]
+    rows = _batch_rows(batch)
+    if rows % n:
+        raise ValueError(
+            f"accum_steps={n}: a batch of {rows} rows (per process) does not split into {n} equal micro-batches"
+        )
+    parts: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in batch.items():
+        pieces = value.split(rows // n) if torch.is_tensor(value) and value.dim() > 0 else [value] * n
+        for part, piece in zip(parts, pieces, strict=True):
+            part[key] = piece
+    return parts
+
+
+def accumulate_gradients(
+    loss_module: nn.Module,
+    batch: dict[str, Any],
+    accum_steps: int,
+    seed_of: Callable[[int], int],
+    use_amp: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward and backward over the micro-batches of `batch` into the parameters' .grad (which the caller
+    zeroed); returns the batch's loss (mean of the micro-batch losses, detached) and its logs (their means).
+
+    Micro-batch m (when accum_steps > 1) first re-seeds the global RNG with seed_of(m); under DDP all but the
+    last run inside no_sync, so the gradient is all-reduced once, after the last backward."""
+    parts = micro_batches(batch, accum_steps)
+    total: torch.Tensor | None = None
+    sums: dict[str, float] = {}
+    for m, part in enumerate(parts):
+        if accum_steps > 1:
+            torch.manual_seed(seed_of(m))
+        last = m + 1 == len(parts)
+        sync = (
+            contextlib.nullcontext()
+            if last or not isinstance(loss_module, nn.parallel.DistributedDataParallel)
+            else loss_module.no_sync()
+        )
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                loss, logs = loss_module(part)
+            (loss / accum_steps if accum_steps > 1 else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    assert total is not None
+    if accum_steps == 1:
+        return total, sums
+    return total / accum_steps, {k: v / accum_steps for k, v in sums.items()}
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[int], Iterator[dict[str, torch.Tensor]]],
@@ -265,11 +342,15 @@ def fit(
                 f"batches({start}) ran out at step {step}; it must yield up to {cfg.steps}"
             ) from None
 
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-        with autocast:
-            loss, logs = loss_module(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logs = accumulate_gradients(
+            loss_module,
+            batch,
+            cfg.accum_steps,
+            lambda m, step=step: derive_seed(cfg.seed, step, rank * cfg.accum_steps + m),
+            use_amp,
+            device,
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # One host sync per step: loss, grad norm and the model's logs, averaged over ranks, checked before
         # the update so that a bad step never reaches the weights or the checkpoint.

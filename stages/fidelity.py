@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import GPTSampler, Params, Sampler
+from pipeline.config import GPTSampler, Params, RendererSampler
 from pipeline.evaluation import require
 from pipeline.io import read_json
 from pipeline.metrics.fidelity import compute_fidelity
@@ -79,7 +79,7 @@ def sample_images(samples_dir: str, variant: str) -> tuple[ShardImages, dict[str
         **knob_metrics(f"{variant}_gpt", GPTSampler.model_validate(settings["gpt"])),
     }
     if "renderer" in settings:
-        knobs |= knob_metrics(f"{variant}_renderer", Sampler.model_validate(settings["renderer"]))
+        knobs |= knob_metrics(f"{variant}_renderer", RendererSampler.model_validate(settings["renderer"]))
     return images, knobs
 
 

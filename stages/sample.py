@@ -1,7 +1,9 @@
 """Stage `sample`: generate images and write them as WebDataset shards, plus a labelled grid.
 
-variant `digit`: stage-1 GPT → DiGIT tokens → renderer → VQ tokens → VQ decoder → pixels.
+variant `digit`: stage-1 GPT → DiGIT tokens → renderer (AR or NAR) → VQ tokens → VQ decoder → pixels.
 variant `vq`:    GPT trained on VQ tokens → VQ tokens → VQ decoder → pixels (the renderer is not used).
+Stage 1 samples with sample.gpt, or for variant vq with sample.gpt_vq when that is set (the paper samples its
+DiGIT GPTs with top-k and its VQ-AR baseline without a filter).
 
 Sample i is drawn with generators from (sample.seed, i) — the same generator goes to the GPT and then the
 renderer — and gets label i % num_classes when the GPT is class-conditional (balanced classes; -1 when it
@@ -40,6 +42,7 @@ from pipeline.checkpoint import checkpoint_sha256
 from pipeline.config import Params, Sample, Sampler, with_overrides
 from pipeline.io import promote, read_json, write_json
 from pipeline.models.gpt import GPT, load_gpt, rowwise
+from pipeline.models.nar_renderer import NARRenderer
 from pipeline.models.renderer import Renderer, load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_uint8
 from pipeline.ranks import barrier, gather, my_block, process_group
@@ -78,6 +81,9 @@ def knob_metrics(prefix: str, s: Sampler) -> dict[str, float]:
     }
     if hasattr(s, "cfg_scale"):
         out[f"{prefix}_cfg_scale"] = s.cfg_scale
+    if hasattr(s, "nar_steps"):
+        out[f"{prefix}_nar_steps"] = s.nar_steps
+        out[f"{prefix}_nar_choice_temperature"] = s.nar_choice_temperature
     return out
 
 
@@ -85,7 +91,7 @@ def knob_metrics(prefix: str, s: Sampler) -> dict[str, float]:
 class Models:
     variant: str
     gpt: GPT
-    renderer: Renderer | None
+    renderer: Renderer | NARRenderer | None
     vq: nn.Module
     digit_grid: tuple[int, int]
     vq_grid: tuple[int, int]
@@ -146,7 +152,7 @@ def generate_batch(models: Models, s: Sample, indices: range) -> dict[str, np.nd
     labels = labels_of(indices, models.num_classes)
     device = models.gpt.wte.weight.device
     label_t = torch.tensor(labels, device=device) if models.num_classes else None
-    g = s.gpt
+    g = s.gpt_for(models.variant)
     tokens = models.gpt.generate(
         gens,
         labels=label_t,
@@ -164,9 +170,7 @@ def generate_batch(models: Models, s: Sample, indices: range) -> dict[str, np.nd
         tokens = models.renderer.generate(
             tokens,
             gens,
-            temperature=r.temperature,
-            top_k=r.top_k,
-            top_p=r.top_p,
+            **r.generate_kwargs(nar=isinstance(models.renderer, NARRenderer)),
             batch_invariant=s.batch_invariant,
         )
     ids = tokens.view(-1, *models.vq_grid)
@@ -212,7 +216,7 @@ def run_settings(
         # batched, the samples depend on the batch composition
         "batch_size": None if s.batch_invariant else s.batch_size,
         "shard_size": s.shard_size,
-        "gpt": s.gpt.model_dump(mode="json"),
+        "gpt": s.gpt_for(variant).model_dump(mode="json"),
         **hashes,
         "device": device.type,
         "classes": meta["classes"],
@@ -321,15 +325,17 @@ def run(
     hashes = model_hashes(variant, gpt, renderer, vq)
     shas = tuple(sorted(hashes.values()))
     models = _cached_models(variant, gpt, renderer, vq, meta_json, str(device), shas)
-    if not models.num_classes and s.gpt.cfg_scale != 1.0:
+    key = s.gpt_key(variant)
+    if not models.num_classes and s.gpt_for(variant).cfg_scale != 1.0:
         # guidance mixes conditional and unconditional logits; with no classes there is nothing to mix
         log.warning(
-            "sample[%s]: %s is unconditional, so sample.gpt.cfg_scale %g does not apply; sampling with 1",
+            "sample[%s]: %s is unconditional, so sample.%s.cfg_scale %g does not apply; sampling with 1",
             variant,
             gpt,
-            s.gpt.cfg_scale,
+            key,
+            s.gpt_for(variant).cfg_scale,
         )
-        params = with_overrides(params, {"sample.gpt.cfg_scale": 1.0})
+        params = with_overrides(params, {f"sample.{key}.cfg_scale": 1.0})
         s = params.sample
     settings = run_settings(params, variant, hashes, meta, device)
     n_shards = -(-s.n // s.shard_size)
@@ -404,10 +410,11 @@ def run(
         "world_size": world,
         "sample_seconds": sample_seconds,
         "images_per_s": sum(generated) / sample_seconds if sample_seconds > 0 else 0.0,
-        **knob_metrics("gpt", s.gpt),
+        **knob_metrics("gpt", s.gpt_for(variant)),
     }
     if variant == "digit":
         summary |= knob_metrics("renderer", s.renderer)
+        summary["renderer_nar"] = int(isinstance(models.renderer, NARRenderer))
     summary["seconds"] = time.perf_counter() - t0
     log.info(
         "sample[%s]: %d images generated at %.2f images/s",

@@ -138,7 +138,7 @@ def train_summary(fit: dict[str, Any], seq_len: int) -> dict[str, Any]:
 
 
 def build_gpt(params: Params, meta: dict[str, Any], variant: str) -> GPT:
-    m = params.train_gpt.model
+    m = params.train_gpt.model_for(variant)
     _, vocab, (h, w) = token_spec(meta, variant)
     num_classes = int(meta["num_classes"]) if m.class_conditional else 0
     config = gpt_config(
@@ -149,7 +149,7 @@ def build_gpt(params: Params, meta: dict[str, Any], variant: str) -> GPT:
         class_dropout=m.class_dropout if num_classes else 0.0,
         **m.overrides(),
     )
-    return GPT(config, seed=params.train_gpt.train.seed)
+    return GPT(config, seed=params.train_gpt.train_for(variant).seed)
 
 
 def run(
@@ -164,7 +164,7 @@ def run(
     t0 = time.perf_counter()
     check_variant(variant)
     out, curves = fill_variant(out, variant), fill_variant(curves, variant)
-    p = params.train_gpt
+    train = params.train_gpt.train_for(variant)
     meta = read_token_meta(tokens)
     field, vocab, (h, w) = token_spec(meta, variant)
     model = build_gpt(params, meta, variant)
@@ -174,7 +174,7 @@ def run(
     # With V augmented views per image, each sample gives one view per epoch; val uses view 0.
     num_views, views = token_views(meta)
     stream = ShardStream(
-        list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world, views, num_views
+        list_shards(tokens, "train"), fields, train.batch_size, train.seed, rank, world, views, num_views
     )
     log.info(
         "train_gpt[%s]: %d train sequences (%d view(s) each) of %d tokens (vocab %d), %.2fM parameters, "
@@ -185,8 +185,8 @@ def run(
         h * w,
         vocab,
         model.num_params() / 1e6,
-        p.train.steps,
-        p.train.batch_size,
+        train.steps,
+        train.batch_size,
     )
     # Everything that must match for a partial run to be resumed rather than restarted.
     run_meta = {
@@ -194,16 +194,16 @@ def run(
         "variant": variant,
         "tokens_field": field,
         "tokens_sha256": tokens_fingerprint(tokens),
-        "train_params": train_params(p.train),
+        "train_params": train_params(train),
     }
     batches: Callable[[int], Iterator[dict[str, torch.Tensor]]] = stream.batches
-    fit = train_and_promote(model, batches, p.train, params.base.device, out, run_meta, curves)
+    fit = train_and_promote(model, batches, train, params.base.device, out, run_meta, curves)
     summary = train_summary(fit, h * w)
     if rank != 0:
         return summary  # rank 0 alone evaluates the promoted weights
     device = resolve_device(params.base.device)
     trained = load_gpt(out, map_location=str(device))
-    summary |= evaluate_teacher_forced(trained, val_batches(tokens, fields, p.train.batch_size), device)
+    summary |= evaluate_teacher_forced(trained, val_batches(tokens, fields, train.batch_size), device)
     summary |= {
         "params": trained.num_params(),
         "vocab": vocab,

@@ -1,8 +1,10 @@
 """Stage `train_renderer`: the stage-2 renderer, trained to map the true DiGIT tokens of each image to the
-pixel VQ tokens of the same image (teacher forced, loss on the VQ segment only).
+pixel VQ tokens of the same image. train_renderer.model.kind `ar`: autoregressive, teacher forced, loss on the
+VQ segment; `nar`: MaskGIT-style, loss on the masked VQ tokens (pipeline/models/nar_renderer.py).
 
 Same loop and run layout as train_gpt: `<out>.partial/` while training (resumable), final weights in `<out>/`.
-Metrics: final training loss, val loss / NLL and val VQ-token accuracy of the saved model (teacher forced).
+Metrics: final training loss, val loss / NLL and val VQ-token accuracy of the saved model (teacher forced for
+`ar`; for `nar` on the masked tokens of seeded random masks, so not comparable with the AR figures).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.models.nar_renderer import NARRenderer
 from pipeline.models.renderer import Renderer, load_renderer, renderer_config
 from pipeline.runs import train_and_promote
 from pipeline.shards import list_shards
@@ -36,15 +39,15 @@ PATHS = {
 }
 
 
-def build_renderer(params: Params, meta: dict[str, Any]) -> Renderer:
+def build_renderer(params: Params, meta: dict[str, Any]) -> Renderer | NARRenderer:
+    """train_renderer.model.kind: ar -> Renderer, nar -> NARRenderer (MaskGIT-style), same config."""
     m = params.train_renderer.model
     _, k, (h, w) = token_spec(meta, "digit")
     _, v, (hv, wv) = token_spec(meta, "vq")
     grids = {"aligned": m.aligned, "digit_grid": (h, w), "vq_grid": (hv, wv)}
-    return Renderer(
-        renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides(), **grids),
-        seed=params.train_renderer.train.seed,
-    )
+    config = renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides(), **grids)
+    model_class = NARRenderer if m.kind == "nar" else Renderer
+    return model_class(config, seed=params.train_renderer.train.seed)
 
 
 def run(
@@ -69,7 +72,8 @@ def run(
         list_shards(tokens, "train"), fields, p.train.batch_size, p.train.seed, rank, world, views, num_views
     )
     log.info(
-        "train_renderer: %d train images, %d DiGIT tokens (K=%d) -> %d VQ tokens (V=%d), %.2fM parameters",
+        "train_renderer[%s]: %d train images, %d DiGIT tokens (K=%d) -> %d VQ tokens (V=%d), %.2fM parameters",
+        params.train_renderer.model.kind,
         stream.epoch_size,
         c.digit_len,
         c.digit_vocab_size,
@@ -96,6 +100,7 @@ def run(
         "vq_vocab": c.vq_vocab_size,
         "digit_len": c.digit_len,
         "vq_len": c.vq_len,
+        "nar": int(p.model.kind == "nar"),
         "seconds": time.perf_counter() - t0,
     }
     log.info(

@@ -30,6 +30,7 @@ from pipeline.evaluation import image_subset, iter_subset, render_true_tokens, r
 from pipeline.io import atomic_dir
 from pipeline.live import log_results
 from pipeline.models.judge import evaluate_accuracy, judge_is_trained, load_judge
+from pipeline.models.nar_renderer import NARRenderer
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq
 from pipeline.shards import ShardImages, ShardSink, list_shards
@@ -123,12 +124,10 @@ def run(
                     vq_grid,
                     [t["__index__"] for t, _ in chunk],
                     ub.seed,
-                    temperature=r.temperature,
-                    top_k=r.top_k,
-                    top_p=r.top_p,
                     batch_invariant=params.sample.batch_invariant,
                     batch_size=len(chunk),
                     progress=False,
+                    **r.generate_kwargs(nar=isinstance(render, NARRenderer)),
                 ),
                 "vq_recon": vq_reconstructions(
                     vq_model, real, len(chunk), params.sample.batch_invariant, progress=False
@@ -146,6 +145,7 @@ def run(
         m: dict[str, Any] = {"upper_bound_images": n, "upper_bound_seed": ub.seed}
         m["upper_bound_batch_invariant"] = int(params.sample.batch_invariant)
         m |= knob_metrics("upper_renderer", r)
+        m["upper_renderer_nar"] = int(isinstance(render, NARRenderer))
         for name in SETS:
             made = ShardImages(list_shards(tmp, name))
             m |= fidelity_metrics(f"upper_{name}", made, params, judge, reference)

@@ -363,3 +363,62 @@ def test_killed_sampling_resumes_from_finished_shards_of_the_same_settings(chain
     assert other["shards_resumed"] == 0 and other["generated"] == N_SAMPLES
     first = "samples-00000.tar"
     assert (tmp_path / "other" / first).read_bytes() != (root / "samples_digit" / first).read_bytes()
+
+
+# --- reference-compatible options through the stages ---------------------------------------------------
+
+
+def test_nar_renderer_trains_samples_and_renders_upper_bounds_through_the_same_stages(chain, tmp_path):
+    from pipeline.evaluation import render_true_tokens
+    from pipeline.models.nar_renderer import NARRenderer
+
+    root, params, _ = chain
+    nar = with_overrides(params, {"train_renderer.model.kind": "nar", "sample.renderer.nar_steps": 3})
+    m = train_renderer.run(nar, str(root / "tokens"), str(tmp_path / "renderer"), str(tmp_path / "r_curves"))
+    model = load_renderer(tmp_path / "renderer")
+    assert isinstance(model, NARRenderer) and m["nar"] == 1 and m["steps"] == 6
+    assert 0 < m["val_acc"] <= 1 and math.isfinite(m["val_loss"])
+    assert "mask_ratio" in read_curves(tmp_path / "r_curves")[0]
+    paths = {"gpt": str(root / "gpt_digit"), "vq": str(root / "vq"), "tokens": str(root / "tokens")}
+    s = sample.run(
+        nar, variant="digit", renderer=str(tmp_path / "renderer"), out=str(tmp_path / "s"), grid=None, **paths
+    )
+    assert s["renderer_nar"] == 1 and s["renderer_nar_steps"] == 3 and s["generated"] == N_SAMPLES
+    samples = list(iter_samples(list_shards(tmp_path / "s", "samples")))
+    assert all(x["vq.npy"].shape == (4, 4) and x["vq.npy"].max() < 16 for x in samples)
+    # stage 1 is the same GPT with the same generators: the DiGIT tokens equal the AR chain's
+    ar = list(iter_samples(list_shards(root / "samples_digit", "samples")))
+    assert all(np.array_equal(a["digit.npy"], b["digit.npy"]) for a, b in zip(samples, ar, strict=True))
+    assert read_json(tmp_path / "s/meta.json")["renderer"]["nar_steps"] == 3
+    # the evaluation's upper bound path takes the NAR renderer unchanged; image j depends on its index only
+    vq = load_pixel_vq(root / "vq")
+    digit = torch.from_numpy(np.stack([x["digit.npy"] for x in samples[:4]]).astype(np.int64)).view(4, 16)
+    images = render_true_tokens(model, vq, digit, (4, 4), [10, 11, 12, 13], seed=0, steps=3, progress=False)
+    again = render_true_tokens(model, vq, digit[2:], (4, 4), [12, 13], seed=0, steps=3, progress=False)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[2:], again)
+
+
+def test_vq_variant_gets_its_own_model_training_and_sampling_knobs(chain, tmp_path, caplog):
+    root, params, _ = chain
+    p = with_overrides(
+        params,
+        {
+            "train_gpt.vq_model": {"class_conditional": False, "norm": "post", "use_eos": True},
+            "train_gpt.vq_train": {"steps": 4, "lr": 1e-3},
+            "sample.gpt_vq": {"temperature": 1.0, "top_k": 5, "top_p": None, "cfg_scale": 2.0},
+        },
+    )
+    assert p.train_gpt.model_for("digit").class_conditional and p.train_gpt.train_for("digit").steps == 6
+    m = train_gpt.run(p, "vq", str(root / "tokens"), str(tmp_path / "gpt_vq"), None)
+    gpt = load_gpt(tmp_path / "gpt_vq")
+    c = gpt.config
+    assert (c.num_classes, c.norm, c.use_eos, m["steps"]) == (0, "post", True, 4)
+    paths = {"gpt": str(tmp_path / "gpt_vq"), "vq": str(root / "vq"), "tokens": str(root / "tokens")}
+    with caplog.at_level("WARNING"):
+        s = sample.run(p, variant="vq", out=str(tmp_path / "s"), grid=None, **paths)
+    assert "sample.gpt_vq.cfg_scale 2 does not apply" in caplog.text
+    assert (s["gpt_top_k"], s["gpt_cfg_scale"], s["num_classes"]) == (5, 1.0, 0)
+    assert read_json(tmp_path / "s/meta.json")["gpt"]["top_k"] == 5
+    with pytest.raises(Exception, match=r"train_gpt.vq_model: .*norm"):
+        with_overrides(params, {"train_gpt.vq_model": {"norm": "middle"}})

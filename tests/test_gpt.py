@@ -1,4 +1,5 @@
 import itertools
+import math
 from dataclasses import asdict
 
 import pytest
@@ -140,8 +141,9 @@ def test_class_dropout_replaces_labels_by_the_null_class():
     assert not torch.equal(loss_train, unchanged)
 
 
-def test_kv_cache_matches_full_forward_on_every_path():
-    cfg = small_config()
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_kv_cache_matches_full_forward_on_every_path(norm):
+    cfg = small_config(norm=norm)
     model = GPT(cfg).eval()
     tokens = random_tokens(2, cfg)
     x = model._embed_sequence(torch.zeros(2, dtype=torch.long), tokens)
@@ -156,9 +158,10 @@ def test_kv_cache_matches_full_forward_on_every_path():
         model.trunk(x[:, :1], cache)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
 @pytest.mark.parametrize("num_classes,cfg_scale", [(0, 1.0), (4, 1.0), (4, 3.0)])
-def test_kv_cache_generation_equals_full_recompute(num_classes, cfg_scale):
-    model = GPT(small_config(num_classes=num_classes), seed=1)
+def test_kv_cache_generation_equals_full_recompute(num_classes, cfg_scale, norm):
+    model = GPT(small_config(num_classes=num_classes, norm=norm, use_eos=norm == "post"), seed=1)
     labels = torch.tensor([0, 3, 1]) if num_classes else None
     kw = {"labels": labels, "top_k": 30, "top_p": 0.9, "cfg_scale": cfg_scale}
     fast = model.generate(sample_generators(7, range(3)), use_cache=True, **kw)
@@ -193,8 +196,44 @@ def test_greedy_generation_follows_the_argmax_chain():
     assert torch.equal(out, seq)
 
 
-def test_tiny_gpt_overfits_one_batch(tmp_path):
-    cfg = small_config(num_classes=8)
+def test_post_ln_is_the_fairseq_decoder():
+    cfg = small_config(norm="post", num_classes=3)
+    model = GPT(cfg, seed=0).eval()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith("trunk.ln_f") for n in names)  # no final LayerNorm
+    assert model.num_params() == GPT(small_config(num_classes=3)).num_params() - 2 * cfg.n_embd
+    # token (and class) embeddings are scaled by sqrt(d) before the positions are added
+    tokens = random_tokens(2, cfg)
+    first = torch.tensor([0, 2])
+    x = model._embed_sequence(first, tokens)
+    by_hand = torch.cat([model.cond_emb(first)[:, None], model.wte(tokens)], 1) * math.sqrt(cfg.n_embd)
+    assert torch.allclose(x, by_hand + model.wpe.weight[: cfg.block_size + 1], atol=1e-6)
+    # a block is ln(x + attn(x)), then ln(x + mlp(x))
+    block = model.trunk.blocks[0]
+    h = block.ln_1(x + block.attn(x))
+    assert torch.allclose(block(x), block.ln_2(h + block.mlp(h)), atol=1e-6)
+    # fairseq's initialisation: embeddings and the output projection N(0, d^-1/2), zero attention out bias,
+    # q/k/v xavier-uniform with gain 1/sqrt(2) (bound sqrt(3 / (2d)) for a d x d block)
+    d = cfg.n_embd
+    assert model.wte.weight.std().item() == pytest.approx(d**-0.5, rel=0.1)
+    assert model.head.weight.std().item() == pytest.approx(d**-0.5, rel=0.1)
+    assert torch.equal(block.attn.proj.bias, torch.zeros(d))
+    assert block.attn.qkv.weight.abs().max().item() <= math.sqrt(3 / (2 * d)) + 1e-7
+    assert block.attn.qkv.weight.abs().max().item() > 0.9 * math.sqrt(3 / (2 * d))
+    with pytest.raises(ValueError, match="GPTConfig.norm: expected one of"):
+        small_config(norm="sandwich")
+
+
+def test_attention_dropout_is_its_own_knob():
+    model = GPT(small_config(dropout=0.1, attn_dropout=0.0))
+    assert {b.attn.dropout for b in model.trunk.blocks} == {0.0}
+    assert {b.attn.resid_drop.p for b in model.trunk.blocks} == {0.1}
+    assert {b.attn.dropout for b in GPT(small_config(dropout=0.1)).trunk.blocks} == {0.1}
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_tiny_gpt_overfits_one_batch(tmp_path, norm):
+    cfg = small_config(num_classes=8, norm=norm)
     model = GPT(cfg, seed=0)
     batch = {"tokens": random_tokens(8, cfg, seed=1), "label": torch.arange(8)}
     start, _ = model.training_loss(batch)

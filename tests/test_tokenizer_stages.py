@@ -19,7 +19,7 @@ from pipeline.features import (
 )
 from pipeline.inspect import inspect_artifact
 from pipeline.io import read_json, write_json
-from pipeline.kmeans import sample_rows
+from pipeline.kmeans import KMeansError, sample_patches, sample_rows
 from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.prepare import read_manifest
 from pipeline.shards import iter_samples, list_shards
@@ -361,6 +361,64 @@ def test_index_shard_lists_members_in_order(chain):
     assert [e.label for e in entries] == [s["cls"] for s in images]
     raw = (root / "images/val-00000.tar").read_bytes()
     assert raw[entries[3].offset : entries[3].offset + 8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_imported_centroids_skip_kmeans_and_report_usage_on_the_sample(
+    chain, encoder_dir, tmp_path, monkeypatch
+):
+    root, (_, m_km, _) = chain
+    # the authors' release is a bare [K, D] float array; here: other centroids of the right shape
+    given = np.random.default_rng(0).normal(size=(8, 32)).astype(np.float64)
+    np.save(tmp_path / "km_given.npy", given)
+
+    def no_fit(*a, **kw):
+        raise AssertionError("K-Means ran although centroids were given")
+
+    monkeypatch.setattr(kmeans, "fit_kmeans", no_fit)
+    params = _params(encoder_dir, kmeans__centroids=str(tmp_path / "km_given.npy"))
+    m = kmeans.run(params, features=str(root / "features.zarr"), out=str(tmp_path / "kmeans"))
+    saved = np.load(tmp_path / "kmeans/centroids.npy")
+    assert saved.dtype == np.float32 and np.array_equal(saved, given.astype(np.float32))
+    # usage on the same sample of train patches the fit used
+    x = sample_patches(open_features(root / "features.zarr")["train/patches"], 300, params.kmeans.seed)
+    counts = np.bincount(assign(x, saved), minlength=8)
+    assert np.array_equal(np.load(tmp_path / "kmeans/usage.npy"), counts)
+    assert m["imported"] == 1 and m["n_points"] == 300 and m["dead_clusters"] == int((counts == 0).sum())
+    assert m["mean_sq_distance"] > m_km["mean_sq_distance"]  # random centroids fit worse than K-Means'
+    meta = json.loads((tmp_path / "kmeans/kmeans.json").read_text())
+    assert (
+        meta["imported_from"]["path"] == str(tmp_path / "km_given.npy")
+        and len(meta["imported_from"]["sha256"]) == 64
+    )
+    # the fitted codebook imported back gives the fitted codebook (and so the same tokens)
+    again = _params(encoder_dir, kmeans__centroids=str(root / "kmeans/centroids.npy"))
+    kmeans.run(again, features=str(root / "features.zarr"), out=str(tmp_path / "same"))
+    assert (tmp_path / "same/centroids.npy").read_bytes() == (root / "kmeans/centroids.npy").read_bytes()
+    assert np.array_equal(np.load(tmp_path / "same/usage.npy"), np.load(root / "kmeans/usage.npy"))
+
+
+def test_imported_centroids_of_another_encoder_are_a_clear_error(chain, encoder_dir, tmp_path):
+    root, _ = chain
+    np.save(tmp_path / "km_768.npy", np.zeros((8, 768), np.float32))
+    params = _params(encoder_dir, kmeans__centroids=str(tmp_path / "km_768.npy"))
+    with pytest.raises(
+        KMeansError, match=r"km_768.npy has D=768, but the encoder's features have D=32 \(.*ssl"
+    ):
+        kmeans.run(params, features=str(root / "features.zarr"), out=str(tmp_path / "out"))
+    np.save(tmp_path / "km_k.npy", np.zeros((16, 32), np.float32))
+    with pytest.raises(KMeansError, match="has K=16 centroids but kmeans.k is 8"):
+        kmeans.run(
+            _params(encoder_dir, kmeans__centroids=str(tmp_path / "km_k.npy")),
+            features=str(root / "features.zarr"),
+            out=str(tmp_path / "out"),
+        )
+    with pytest.raises(KMeansError, match="is not a file"):
+        kmeans.run(
+            _params(encoder_dir, kmeans__centroids=str(tmp_path / "missing.npy")),
+            features=str(root / "features.zarr"),
+            out=str(tmp_path / "out"),
+        )
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_assign_is_used_consistently(chain):

@@ -46,11 +46,43 @@ def test_lr_schedules():
     assert lr_at(cos, 10) == pytest.approx(1.0)
     assert lr_at(cos, 60) == pytest.approx(0.55)  # half way: mid of [0.1, 1]
     assert lr_at(cos, 110) == pytest.approx(0.1)
-    inv = TrainConfig(steps=1000, lr=1.0, warmup_steps=100, schedule="inverse_sqrt")
-    assert lr_at(inv, 99) == pytest.approx(1.0)
-    assert lr_at(inv, 399) == pytest.approx(0.5)  # sqrt(100 / 400)
     const = TrainConfig(steps=10, lr=0.3, schedule="constant")
     assert {lr_at(const, s) for s in range(10)} == {0.3}
+
+
+class FairseqInverseSqrt:
+    """fairseq/optim/lr_scheduler/inverse_square_root_schedule.py (v0.12), transcribed: the lr is set to
+    warmup_init_lr at construction and by step_update(num_updates) after every update."""
+
+    def __init__(self, lr: float, warmup_updates: int, warmup_init_lr: float) -> None:
+        self.warmup_updates, self.warmup_init_lr = warmup_updates, warmup_init_lr
+        self.lr_step = (lr - warmup_init_lr) / warmup_updates
+        self.decay_factor = lr * warmup_updates**0.5
+        self.lr = warmup_init_lr
+
+    def step_update(self, num_updates: int) -> float:
+        if num_updates < self.warmup_updates:
+            self.lr = self.warmup_init_lr + num_updates * self.lr_step
+        else:
+            self.lr = self.decay_factor * num_updates**-0.5
+        return self.lr
+
+
+def test_inverse_sqrt_is_fairseqs_update_for_update():
+    # the reference's stage-1 recipe (DiGIT config/stage1/dino_base.yaml)
+    cfg = TrainConfig(steps=30000, lr=3e-4, warmup_steps=6250, warmup_init_lr=1e-7, schedule="inverse_sqrt")
+    ref = FairseqInverseSqrt(3e-4, 6250, 1e-7)
+    used = []  # the lr each update runs with, as fairseq's trainer loop sets it
+    for num_updates in range(30000):
+        used.append(ref.lr)
+        ref.step_update(num_updates + 1)
+    ours = [lr_at(cfg, k) for k in range(30000)]
+    assert ours == pytest.approx(used, rel=1e-12)
+    assert ours[0] == 1e-7 and ours[6250] == pytest.approx(3e-4) and ours[25000] == pytest.approx(1.5e-4)
+    # warmup_init_lr defaults to 0 (fairseq's default with warm-up), min_lr_ratio still floors the decay
+    floored = TrainConfig(steps=1000, lr=1.0, warmup_steps=100, schedule="inverse_sqrt", min_lr_ratio=0.4)
+    assert lr_at(floored, 0) == 0.0 and lr_at(floored, 50) == pytest.approx(0.5)
+    assert lr_at(floored, 400) == pytest.approx(0.5) and lr_at(floored, 999) == pytest.approx(0.4)
 
 
 def test_train_config_validation_messages():
@@ -231,6 +263,75 @@ def test_batches_running_out_and_bf16_autocast(tmp_path):
     assert math.isfinite(summary["final_loss"]) and model.wte.weight.dtype == torch.float32
 
 
+class GradRecorder(GPT):
+    """Keeps the (clipped) gradients each optimizer step was taken with."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.grads.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def test_gradient_accumulation_of_4_micro_batches_equals_one_big_batch(tmp_path):
+    # No randomness inside the forward (dropout and class dropout off); label smoothing on: it is a
+    # per-token term of a mean, so the accumulated gradient is the big batch's.
+    cfg = GPTConfig(**{**CFG.__dict__, "num_classes": 3, "label_smoothing": 0.1, "bias": False})
+    runs = {}
+    for accum in (1, 4):
+        model = GradRecorder(cfg, seed=0)
+        train = TrainConfig(steps=3, lr=1e-3, warmup_steps=1, device="cpu", accum_steps=accum, grad_clip=0.5)
+        curves = tmp_path / f"a{accum}_curves"
+        fit(model, token_batches(3, rows=16), train, tmp_path / f"a{accum}", {}, curves, progress=False)
+        runs[accum] = (model, read_curves(curves))
+    (big, big_rows), (acc, acc_rows) = runs[1], runs[4]
+    # the first step starts from the same weights: same gradient up to float summation order (and clipping)
+    for name, g in big.grads[0].items():
+        assert torch.allclose(acc.grads[0][name], g, rtol=1e-5, atol=1e-8), name
+    for a, b in zip(acc_rows, big_rows, strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-4)
+        assert float(a["acc"]) == pytest.approx(float(b["acc"]), abs=1e-6)
+    worst = max((p - q).abs().max().item() for p, q in zip(acc.parameters(), big.parameters(), strict=True))
+    assert worst < 1e-5, worst  # vs lr 1e-3: every coordinate moved the same way
+    # a batch that does not split evenly is refused before any work
+    with pytest.raises(ValueError, match="a batch of 10 rows .* does not split into 4 equal micro-batches"):
+        fit(
+            GPT(cfg),
+            token_batches(3, rows=10),
+            TrainConfig(steps=1, device="cpu", accum_steps=4),
+            tmp_path / "odd",
+            {},
+            progress=False,
+        )
+
+
+def test_micro_batches_reseed_per_global_micro_index(tmp_path):
+    # With dropout, micro-batch m of rank r draws from derive_seed(seed, step, r * A + m): two micro-batches
+    # of 8 rows in one process see the masks two ranks of 8 rows would see (tested under DDP below), and
+    # accum_steps = 1 keeps the seed of before.
+    from pipeline.sampling import derive_seed
+    from pipeline.train import accumulate_gradients
+
+    seeds: list[int] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, batch):
+            seeds.append(torch.initial_seed())
+            return (self.w * batch["x"]).mean(), {}
+
+    batch = {"x": torch.arange(8.0)}
+    accumulate_gradients(
+        Probe(), batch, 4, lambda m: derive_seed(5, 2, 3 * 4 + m), False, torch.device("cpu")
+    )
+    assert seeds == [derive_seed(5, 2, 12 + m) for m in range(4)]
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import itertools, sys
@@ -241,13 +342,14 @@ DDP_SCRIPT = textwrap.dedent(
 
     GLOBAL_BATCH = 8
 
-    def main(run_dir):
+    def main(run_dir, accum=1, dropout=0.0):
         run_dir = Path(run_dir)
         rank, world = rank_world()
         # bias=False: the attention key bias has an identically zero gradient, so its Adam update is
         # rounding noise / eps, which differs between any two summation orders (up to ~2e-5 here).
         cfg = GPTConfig(
-            vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=32, ffn_dim=64, num_classes=4, bias=False
+            vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=32, ffn_dim=64, num_classes=4, bias=False,
+            dropout=dropout, class_dropout=dropout,
         )
         model = GPT(cfg, seed=rank)  # different inits on purpose: DDP starts every rank from rank 0's
 
@@ -260,11 +362,13 @@ DDP_SCRIPT = textwrap.dedent(
                 rows = slice(rank * per, (rank + 1) * per)
                 yield {"tokens": tokens[rows], "label": labels[rows]}
 
-        train = TrainConfig(steps=5, lr=1e-2, warmup_steps=2, device="cpu", checkpoint_every=3)
+        train = TrainConfig(
+            steps=5, lr=1e-2, warmup_steps=2, device="cpu", checkpoint_every=3, accum_steps=accum
+        )
         return fit(model, batches, train, run_dir, {"kind": "gpt"}, run_dir / "curves", progress=False)
 
     if __name__ == "__main__":
-        main(sys.argv[1])
+        main(sys.argv[1], *(float(a) if "." in a else int(a) for a in sys.argv[2:]))
     """
 )
 
@@ -307,6 +411,38 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
         assert float(a["acc"]) == pytest.approx(float(b["acc"]), abs=1e-6)
         assert float(a["items_per_s"]) > 0
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_matches_one_process_draw_for_draw(tmp_path):
+    # 2 ranks x 2 micro-batches of 2 rows vs 1 process x 4 micro-batches of 2 rows, with dropout and class
+    # dropout on: the micro-batch of global index r * A + m is seeded alike in both, DDP all-reduces once
+    # (the first micro-batch runs under no_sync), so the runs agree up to summation order.
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tmp_path / "ddp"), "2", "0.2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    main = runpy.run_path(str(script))["main"]
+    main(tmp_path / "single", 4, 0.2)
+    main(tmp_path / "big", 1, 0.2)  # one pass over the 8 rows: other dropout masks
+    ddp_state = load_checkpoint(tmp_path / "ddp" / "last")[0]
+    one_state = load_checkpoint(tmp_path / "single" / "last")[0]
+    big_state = load_checkpoint(tmp_path / "big" / "last")[0]
+    worst = max((ddp_state[k] - one_state[k]).abs().max().item() for k in one_state)
+    assert worst < 5e-5, worst
+    assert max((big_state[k] - one_state[k]).abs().max().item() for k in one_state) > 1e-3
+    for a, b in zip(
+        read_curves(tmp_path / "ddp" / "curves"), read_curves(tmp_path / "single" / "curves"), strict=True
+    ):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
 
 
 def test_amp_auto_takes_bf16_only_where_it_is_native():

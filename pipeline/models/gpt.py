@@ -4,12 +4,22 @@ Sequence (paper): input [BOS or class embedding, t1 .. tN] -> targets [t1 .. tN,
 (the default: the pipeline always wants exactly N tokens) the last input token is dropped instead.
 Class-conditional models replace BOS by a class embedding with num_classes + 1 rows; the last row is the
 "null" class, used for class dropout in training and for the unconditional branch of classifier-free
-guidance. Pre-LN blocks, causal attention through F.scaled_dot_product_attention, a preallocated KV cache.
+guidance. Causal attention through F.scaled_dot_product_attention, a preallocated KV cache.
 
-Sizes: GPT_SIZES["base"] (16 layers, d 1024, 16 heads, FFN 4096, untied head, biases) has 219.6M
-parameters at K=8192 with 1000 classes and 256 tokens — the paper's 219M. GPT_SIZES["large"] (24 layers,
-d 1536, 24 heads, FFN 6144) has 732.3M at K=16384, the codebook the paper pairs with its large model
-(732M); at K=8192 it has 707M.
+Two block layouts (`norm`):
+  * "pre" (default): pre-LN blocks x + f(ln(x)) and a final LayerNorm, GPT-2 initialisation;
+  * "post": the reference's fairseq TransformerDecoder (DiGIT config/stage1/dino_base.yaml with
+    fairseq_user/image_generation_stage1/model.py: decoder_normalize_before=False) — post-LN blocks
+    ln(x + f(x)) (fairseq/modules/transformer_layer.py), token embeddings scaled by sqrt(d) (fairseq's
+    embed_scale, no_scale_embedding=False), no final LayerNorm (fairseq/models/transformer/
+    transformer_decoder.py builds it only when normalize_before), and fairseq's initialisation (see
+    `init_fairseq`).
+
+Sizes (tested on the meta device, tests/test_presets.py): GPT_SIZES["base"] (16 layers, d 1024, 16 heads,
+FFN 4096, untied head, biases) has 219.6M parameters at K=8192 with 1000 classes and 256 tokens — the
+paper's 219M. GPT_SIZES["large"] (24 layers, d 1536, 24 heads, FFN 6144) has 732.3M at K=16384, the
+codebook the paper pairs with its large model (732M); at K=8192 it has 707M. Post-LN drops the final
+LayerNorm (2·d parameters); EOS adds one head row.
 """
 
 from __future__ import annotations
@@ -50,10 +60,13 @@ class GPTConfig:
     label_smoothing: float = 0.0
     bias: bool = True
     use_eos: bool = False  # predict EOS after tN (paper); never sampled
+    norm: str = "pre"  # pre | post (the reference's fairseq decoder; see the module docstring)
+    attn_dropout: float | None = None  # dropout on attention weights; None = `dropout` (fairseq: 0)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check_norm(self.norm, "GPTConfig")
         if self.vocab_size < 2 or self.block_size < 1 or self.num_classes < 0:
             raise ValueError(
                 f"GPTConfig: expected vocab_size >= 2, block_size >= 1, num_classes >= 0; got "
@@ -77,6 +90,18 @@ def gpt_config(size: str, vocab_size: int, block_size: int, num_classes: int = 0
 
 
 # --- decoder pieces shared with the renderer -------------------------------------------------------------
+
+NORMS = ("pre", "post")
+
+
+def check_norm(norm: str, owner: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"{owner}.norm: expected one of {NORMS}, got {norm!r}")
+
+
+def embed_scale(norm: str, n_embd: int) -> float:
+    """fairseq multiplies token embeddings by sqrt(d) before adding positions; our pre-LN models do not."""
+    return math.sqrt(n_embd) if norm == "post" else 1.0
 
 
 class KVCache:
@@ -108,10 +133,21 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    """Multi-head self-attention; causal unless `causal=False` (the NAR renderer's bidirectional trunk)."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float,
+        bias: bool,
+        attn_dropout: float | None = None,
+        causal: bool = True,
+    ) -> None:
         super().__init__()
         self.n_head = n_head
-        self.dropout = dropout
+        self.dropout = dropout if attn_dropout is None else attn_dropout
+        self.causal = causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_drop = nn.Dropout(dropout)
@@ -122,8 +158,10 @@ class CausalSelfAttention(nn.Module):
             t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, 2)
         )
         p = self.dropout if self.training else 0.0
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention (bidirectional attention sees the future)")
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
         else:
             pos = cache.length
             k, v = cache.update(layer, k, v)
@@ -150,29 +188,61 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Transformer block. norm "pre": x + attn(ln(x)), then x + mlp(ln(x)). norm "post" (fairseq with
+    normalize_before=False): ln(x + attn(x)), then ln(x + mlp(x))."""
 
-    def __init__(self, n_embd: int, n_head: int, ffn_dim: int, dropout: float, bias: bool) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        ffn_dim: int,
+        dropout: float,
+        bias: bool,
+        norm: str = "pre",
+        attn_dropout: float | None = None,
+        causal: bool = True,
+    ) -> None:
         super().__init__()
+        check_norm(norm, "Block")
+        self.post = norm == "post"
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, attn_dropout, causal)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, ffn_dim, dropout, bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.post:
+            x = self.ln_1(x + self.attn(x, cache, layer))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
-    """The decoder trunk (blocks + final LayerNorm); models add their embeddings and output heads."""
+    """The decoder trunk (blocks, + a final LayerNorm for pre-LN); models add their embeddings and heads.
+
+    `causal=False` makes every block attend in both directions (the NAR renderer); no KV cache then.
+    """
 
     def __init__(
-        self, n_layer: int, n_head: int, n_embd: int, ffn_dim: int, dropout: float, bias: bool
+        self,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        ffn_dim: int,
+        dropout: float,
+        bias: bool,
+        norm: str = "pre",
+        attn_dropout: float | None = None,
+        causal: bool = True,
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, ffn_dim, dropout, bias) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        check_norm(norm, "Transformer")
+        self.blocks = nn.ModuleList(
+            Block(n_embd, n_head, ffn_dim, dropout, bias, norm, attn_dropout, causal) for _ in range(n_layer)
+        )
+        # post-LN blocks already end in a LayerNorm; fairseq adds no final one (transformer_decoder.py)
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias) if norm == "pre" else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, hidden: list[torch.Tensor] | None = None
@@ -201,6 +271,47 @@ def init_weights(model: nn.Module, n_layer: int, generator: torch.Generator) -> 
             nn.init.normal_(module.weight, 0.0, std, generator=generator)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+
+def init_fairseq(model: nn.Module, generator: torch.Generator) -> None:
+    """fairseq's initialisation of a TransformerDecoder, from an explicit generator (used with norm "post"):
+    * embeddings (tokens, classes, learned positions) N(0, d^-1/2) — fairseq/models/transformer/
+      transformer_base.py Embedding and fairseq/modules/positional_embedding.py;
+    * q, k, v projections xavier-uniform with gain 1/sqrt(2) each (our fused qkv is initialised per
+      third), the output projection xavier-uniform with a zero bias — fairseq/modules/
+      multihead_attention.py reset_parameters; q/k/v biases keep nn.Linear's default;
+    * the FFN's fc1/fc2: nn.Linear's default (fairseq/modules/transformer_layer.py build_fc1/fc2);
+    * the output projection N(0, d^-1/2), no bias — transformer_decoder.py build_output_projection;
+    * LayerNorms: ones and zeros.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            if not module.weight.is_meta:
+                nn.init.normal_(module.weight, 0.0, module.embedding_dim**-0.5, generator=generator)
+        elif isinstance(module, nn.Linear) and not module.weight.is_meta:
+            fan_in = module.in_features
+            if name.endswith("attn.qkv"):
+                for chunk in module.weight.data.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(chunk, gain=1 / math.sqrt(2), generator=generator)
+            elif name.endswith("attn.proj"):
+                nn.init.xavier_uniform_(module.weight, generator=generator)
+            elif name.split(".")[-1] == "head":
+                nn.init.normal_(module.weight, 0.0, fan_in**-0.5, generator=generator)
+            else:  # nn.Linear.reset_parameters, drawn from the generator
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                if name.endswith("attn.proj"):
+                    nn.init.zeros_(module.bias)
+                else:
+                    nn.init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5, generator=generator)
+
+
+def init_model(model: nn.Module, norm: str, n_layer: int, generator: torch.Generator) -> None:
+    """GPT-2 init for pre-LN models, fairseq's for the post-LN (fairseq-style) decoder."""
+    if norm == "post":
+        init_fairseq(model, generator)
+    else:
+        init_weights(model, n_layer, generator)
 
 
 def autoregress(
@@ -262,9 +373,12 @@ class GPT(nn.Module):
         self.cond_emb = nn.Embedding(c.num_classes + 1 if c.num_classes > 0 else 1, c.n_embd)
         self.wpe = nn.Embedding(c.block_size + 1, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.trunk = Transformer(c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias)
+        self.trunk = Transformer(
+            c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias, c.norm, c.attn_dropout
+        )
         self.head = nn.Linear(c.n_embd, c.vocab_size + int(c.use_eos), bias=False)
-        init_weights(self, c.n_layer, torch.Generator().manual_seed(seed))
+        self.embed_scale = embed_scale(c.norm, c.n_embd)
+        init_model(self, c.norm, c.n_layer, torch.Generator().manual_seed(seed))
 
     @property
     def null_class(self) -> int:
@@ -287,6 +401,8 @@ class GPT(nn.Module):
 
     def _embed_sequence(self, first: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.cond_emb(first).unsqueeze(1), self.wte(tokens)], dim=1)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
 
     def _check_tokens(self, tokens: torch.Tensor, name: str) -> None:
@@ -403,7 +519,10 @@ class GPT(nn.Module):
 
         def embed(ids: torch.Tensor, i: int) -> torch.Tensor:
             # generated token i sits at sequence position i + 1 (position 0 is BOS / class)
-            return self.wte(ids) + self.wpe.weight[i + 1 : i + 1 + ids.shape[1]]
+            x = self.wte(ids)
+            if self.embed_scale != 1.0:
+                x = x * self.embed_scale
+            return x + self.wpe.weight[i + 1 : i + 1 + ids.shape[1]]
 
         def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
             logits = logits.float()

@@ -1,7 +1,9 @@
 """Stage-2 renderer: DiGIT tokens of an image -> the pixel VQ model's tokens of the same image.
 
-Decoder-only and pre-LN like the stage-1 GPT (it reuses gpt.py's Transformer trunk, KV cache and
-sampling loop). Sequence: [s1 .. sN (DiGIT tokens), SEP, v1 .. vM (VQ tokens)]; the two segments have their
+Decoder-only and pre-LN like the reference's stage 2 (fairseq_user/image_generation_stage2/model.py:
+decoder_normalize_before=True); it reuses gpt.py's Transformer trunk (so `norm: post` works here too), KV
+cache and sampling loop. The non-autoregressive MaskGIT-style renderer is in nar_renderer.py; `load_renderer`
+returns whichever a checkpoint holds. Sequence: [s1 .. sN (DiGIT tokens), SEP, v1 .. vM (VQ tokens)]; the two segments have their
 own token tables and their own position tables (SEP is VQ-segment position 0), and the loss is on the VQ
 segment only: the outputs at SEP, v1 .. v(M-1) predict v1 .. vM, the DiGIT segment has no target. Trained on
 the true DiGIT tokens of each image (teacher forcing); at sampling time it is fed the stage-1 GPT's tokens.
@@ -16,14 +18,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.checkpoint import load_model
-from pipeline.models.gpt import GPT_SIZES, Transformer, autoregress, init_weights, rowwise
+from pipeline.checkpoint import CONFIG_FILE, CheckpointError, load_model
+from pipeline.io import read_json
+from pipeline.models.gpt import (
+    GPT_SIZES,
+    Transformer,
+    autoregress,
+    check_norm,
+    embed_scale,
+    init_model,
+    rowwise,
+)
 from pipeline.sampling import process_logits, row_uniforms, sample_with_uniforms
+
+if TYPE_CHECKING:
+    from pipeline.models.nar_renderer import NARRenderer
 
 RENDERER_SIZES: dict[str, dict[str, int]] = dict(GPT_SIZES)
 
@@ -44,10 +59,13 @@ class RendererConfig:
     aligned: bool = False  # add the DiGIT token at the same image location to each VQ input
     digit_grid: tuple[int, int] | None = None  # (rows, cols) of the DiGIT tokens; needed when aligned
     vq_grid: tuple[int, int] | None = None  # (rows, cols) of the VQ tokens; needed when aligned
+    norm: str = "pre"  # pre | post (see gpt.py)
+    attn_dropout: float | None = None  # None = dropout
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"RendererConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        check_norm(self.norm, "RendererConfig")
         for name, length in (("digit_grid", self.digit_len), ("vq_grid", self.vq_len)):
             grid = getattr(self, name)
             if grid is not None:
@@ -87,6 +105,15 @@ def aligned_index(digit_grid: tuple[int, int], vq_grid: tuple[int, int]) -> torc
     return (rows[:, None] * dw + cols[None, :]).flatten()
 
 
+def check_ids(ids: torch.Tensor, length: int, vocab: int, name: str) -> None:
+    """Token ids must be int64 [B, length] in [0, vocab); the error names the tensor and what is wrong."""
+    if ids.dim() != 2 or ids.shape[1] != length or ids.dtype != torch.long:
+        raise ValueError(f"{name}: expected int64 ids [B, {length}], got {ids.dtype} {tuple(ids.shape)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name}: ids must be in [0, {vocab}), found range [{lo}, {hi}]")
+
+
 class Renderer(nn.Module):
     def __init__(self, config: RendererConfig, seed: int = 0) -> None:
         super().__init__()
@@ -97,12 +124,15 @@ class Renderer(nn.Module):
         self.vq_emb = nn.Embedding(c.vq_vocab_size + 1, c.n_embd)  # last row: SEP
         self.vq_pos = nn.Embedding(c.vq_len, c.n_embd)  # SEP at 0, v_j (as input) at j
         self.drop = nn.Dropout(c.dropout)
-        self.trunk = Transformer(c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias)
+        self.trunk = Transformer(
+            c.n_layer, c.n_head, c.n_embd, c.ffn_dim, c.dropout, c.bias, c.norm, c.attn_dropout
+        )
         self.head = nn.Linear(c.n_embd, c.vq_vocab_size, bias=False)
         if c.aligned:
             self.aligned_emb = nn.Embedding(c.digit_vocab_size, c.n_embd)
             self.register_buffer("align_index", aligned_index(c.digit_grid, c.vq_grid), persistent=False)
-        init_weights(self, c.n_layer, torch.Generator().manual_seed(seed))
+        self.embed_scale = embed_scale(c.norm, c.n_embd)
+        init_model(self, c.norm, c.n_layer, torch.Generator().manual_seed(seed))
 
     @property
     def sep(self) -> int:
@@ -114,22 +144,19 @@ class Renderer(nn.Module):
     def checkpoint_meta(self) -> dict:
         return {"kind": "renderer", "config": asdict(self.config)}
 
-    def _check(self, ids: torch.Tensor, length: int, vocab: int, name: str) -> None:
-        if ids.dim() != 2 or ids.shape[1] != length or ids.dtype != torch.long:
-            raise ValueError(f"{name}: expected int64 ids [B, {length}], got {ids.dtype} {tuple(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"{name}: ids must be in [0, {vocab}), found range [{lo}, {hi}]")
-
     def _aligned(self, digit: torch.Tensor) -> torch.Tensor | None:
         """[B, M, D]: row j is the aligned embedding added to the input that predicts VQ token j (0-based)."""
-        return self.aligned_emb(digit[:, self.align_index]) if self.config.aligned else None
+        if not self.config.aligned:
+            return None
+        return self.aligned_emb(digit[:, self.align_index]) * self.embed_scale
 
     def _prefix(self, digit: torch.Tensor, aligned: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of [s1 .. sN, SEP]: [B, N + 1, D]."""
         device = digit.device
-        x = self.digit_emb(digit) + self.digit_pos(torch.arange(digit.shape[1], device=device))
-        sep = self.vq_emb(torch.full((digit.shape[0], 1), self.sep, device=device)) + self.vq_pos.weight[:1]
+        s = self.embed_scale
+        x = self.digit_emb(digit) * s + self.digit_pos(torch.arange(digit.shape[1], device=device))
+        sep_ids = torch.full((digit.shape[0], 1), self.sep, device=device)
+        sep = self.vq_emb(sep_ids) * s + self.vq_pos.weight[:1]
         if aligned is not None:
             sep = sep + aligned[:, :1]
         return self.drop(torch.cat([x, sep], dim=1))
@@ -137,7 +164,7 @@ class Renderer(nn.Module):
     def _embed_vq(self, ids: torch.Tensor, i: int, aligned: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of VQ tokens i .. i+t-1 (0-based), which sit at VQ-segment positions i+1 .. i+t."""
         positions = torch.arange(i + 1, i + 1 + ids.shape[1], device=ids.device)
-        x = self.vq_emb(ids) + self.vq_pos(positions)
+        x = self.vq_emb(ids) * self.embed_scale + self.vq_pos(positions)
         if aligned is not None:
             x = x + aligned[:, i + 1 : i + 1 + ids.shape[1]]
         return self.drop(x)
@@ -153,8 +180,8 @@ class Renderer(nn.Module):
         """batch {"digit": [B, N] long, "vq": [B, M] long} -> (CE over the VQ segment, {"acc"})."""
         c = self.config
         digit, vq = batch["digit"], batch["vq"]
-        self._check(digit, c.digit_len, c.digit_vocab_size, "batch['digit']")
-        self._check(vq, c.vq_len, c.vq_vocab_size, "batch['vq']")
+        check_ids(digit, c.digit_len, c.digit_vocab_size, "batch['digit']")
+        check_ids(vq, c.vq_len, c.vq_vocab_size, "batch['vq']")
         if digit.shape[0] != vq.shape[0]:
             raise ValueError(f"batch: digit has {digit.shape[0]} rows but vq has {vq.shape[0]}")
         logits = self.logits(digit, vq)
@@ -183,7 +210,7 @@ class Renderer(nn.Module):
         """
         c = self.config
         digit_tokens = digit_tokens.to(self.digit_emb.weight.device)
-        self._check(digit_tokens, c.digit_len, c.digit_vocab_size, "digit_tokens")
+        check_ids(digit_tokens, c.digit_len, c.digit_vocab_size, "digit_tokens")
         B = digit_tokens.shape[0]
         if len(generators) != B:
             raise ValueError(f"generate: {B} rows of digit_tokens but {len(generators)} generators")
@@ -222,6 +249,16 @@ class Renderer(nn.Module):
         return out
 
 
-def load_renderer(directory: str | Path, map_location: str = "cpu") -> Renderer:
-    """A Renderer from a checkpoint directory written with `checkpoint_meta()` (safetensors + JSON)."""
+def load_renderer(directory: str | Path, map_location: str = "cpu") -> Renderer | NARRenderer:
+    """The renderer of a checkpoint directory written with `checkpoint_meta()` (safetensors + JSON): a
+    Renderer (kind "renderer") or a NARRenderer (kind "nar_renderer"). Both have the same `generate`."""
+    from pipeline.models.nar_renderer import NAR_KIND, NARRenderer
+
+    path = Path(directory) / CONFIG_FILE
+    kind = read_json(path).get("kind") if path.is_file() else None
+    if kind == NAR_KIND:
+        build = lambda config: NARRenderer(RendererConfig(**config))  # noqa: E731
+        return load_model(directory, NAR_KIND, build, map_location)
+    if kind not in (None, "renderer"):
+        raise CheckpointError(f"{path}: kind is {kind!r}, expected 'renderer' or {NAR_KIND!r}")
     return load_model(directory, "renderer", lambda config: Renderer(RendererConfig(**config)), map_location)
