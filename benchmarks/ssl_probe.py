@@ -1,7 +1,7 @@
-"""Does SSL pretraining make the encoder's patch features discriminative? Random init vs DINO/iBOT.
+"""Does SSL pretraining make the encoder's patch features discriminative? Random init vs the SSL objective.
 
 Trains the pretrain_encoder config of params.yaml on the built-in data and prints, side by side for the random
-initialisation (same seed, same architecture) and the pretrained teacher: weighted k-NN (k=20, T=0.07) and
+initialisation (same seed, same architecture) and the pretrained encoder: weighted k-NN (k=20, T=0.07) and
 linear-probe val accuracy of mean-pooled patch features at the tokenizer's layer (third from last) and the
 last layer, plus pretraining images/s and minutes — all measured in this run.
 
@@ -27,7 +27,14 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.metrics.knn import knn_accuracy, mean_patch_features  # noqa: E402
-from pipeline.ssl import DINO, SSLConfig, load_encoder, pretrain_encoder  # noqa: E402
+from pipeline.ssl import (  # noqa: E402
+    SSLConfig,
+    build_ssl_model,
+    generator_batches,
+    image_batches,
+    load_encoder,
+    pretrain_encoder,
+)
 from pipeline.synthetic import generate_images  # noqa: E402
 from stages.pretrain_encoder import ssl_config  # noqa: E402
 
@@ -77,9 +84,13 @@ def main() -> None:
         f"data: {len(x)} train / {len(xv)} val images, {args.num_classes} classes ({time.perf_counter() - t0:.1f} s)"
     )
 
-    random_vit = DINO(cfg).teacher_backbone  # the initialisation pretraining starts from
+    random_vit = build_ssl_model(cfg).export_backbone  # the initialisation pretraining starts from
+    if cfg.fresh_images:  # the stage's stream for built-in data: new train-split images every step
+        batches = generator_batches(cfg.img_size, 0, args.num_classes, cfg.batch_size)
+    else:
+        batches = image_batches(x, cfg.batch_size, cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        _, summary = pretrain_encoder(x, cfg, Path(tmp) / "run", Path(tmp) / "encoder", device="cpu")
+        _, summary = pretrain_encoder(batches, cfg, Path(tmp) / "run", Path(tmp) / "encoder", device="cpu")
         ssl_vit, meta = load_encoder(Path(tmp) / "encoder")
 
     layers = (-3, -1)

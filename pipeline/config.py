@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from pipeline.ssl.dino import SSLConfig
+from pipeline.ssl.config import SSLConfig
 
 
 class ParamsError(ValueError):

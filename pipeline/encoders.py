@@ -31,7 +31,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, checkpoint_sha256, load_checkpoint
-from pipeline.io import sha256_file
+from pipeline.io import read_json, sha256_file
 from pipeline.ssl.vit import build_vit
 
 log = logging.getLogger(__name__)
@@ -269,11 +269,18 @@ def _build_ssl(
         raise EncoderError(
             "encoder source 'ssl' needs `weights`: the pretrained encoder directory (models/encoder)"
         )
+    cfg_path = Path(directory) / CONFIG_FILE
+    if cfg_path.is_file() and not (Path(directory) / MODEL_FILE).is_file():
+        marker = read_json(cfg_path)
+        if isinstance(marker, dict) and marker.get("kind") == "unused":
+            raise EncoderError(
+                f"{cfg_path}: pretrain_encoder trained no encoder here ({marker.get('reason', '')}); "
+                "rerun it with encoder.source: ssl"
+            )
     try:
         state, meta, _ = load_checkpoint(directory)
     except CheckpointError as e:
         raise EncoderError(f"encoder source 'ssl': {e}") from e
-    cfg_path = Path(directory) / CONFIG_FILE
     if meta.get("kind") != "ssl_vit":
         raise EncoderError(f"{cfg_path}: kind is {meta.get('kind')!r}, expected 'ssl_vit'")
     missing = [k for k in ("timm_kwargs", "mean", "std", "img_size", "patch_size") if k not in meta]

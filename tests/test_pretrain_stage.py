@@ -1,16 +1,24 @@
 """The pretrain_encoder stage on tiny data: it writes an encoder the tokenizer's registry loads."""
 
+import json
+
 import pytest
 import torch
+import yaml
 
 from pipeline.encoders import build_encoder
 from pipeline.inspect import inspect_artifact
 from pipeline.live import read_curves
 from stages import prepare, pretrain_encoder
 
-from .conftest import tiny_params
+from .conftest import REPO, tiny_params
 
 TINY_SSL = {
+    "objective": "vicreg",
+    "dense_weight": 1.0,
+    "proj_dim": 64,
+    "proj_hidden_dim": 64,
+    "dense_proj_dim": 32,
     "embed_dim": 32,
     "depth": 3,
     "num_heads": 2,
@@ -32,7 +40,7 @@ TINY_SSL = {
 def pretrained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ssl")
-    params = tiny_params(pretrain_encoder=TINY_SSL)
+    params = tiny_params(pretrain_encoder=TINY_SSL, kmeans__k=16, evaluate__stability__images=8)
     prepare.run(params, out=str(root / "images"))
     metrics = pretrain_encoder.run(
         params, images=str(root / "images"), out=str(root / "encoder"), curves=str(root / "curves")
@@ -42,11 +50,20 @@ def pretrained(tmp_path_factory):
 
 def test_stage_writes_a_loadable_encoder_and_metrics(pretrained):
     root, params, metrics = pretrained
-    keys = ("steps", "final_loss", "images_per_s", "knn_top1_ssl", "knn_top1_random", "knn_gain_points")
-    for key in keys + ("change_rate_10db_ssl", "change_rate_10db_random"):
-        assert key in metrics
-    assert metrics["steps"] == 4 and 0.0 <= metrics["knn_top1_ssl"] <= 1.0
-    assert 0.0 <= metrics["change_rate_10db_ssl"] <= 1.0 and 0.0 <= metrics["change_rate_10db_random"] <= 1.0
+    assert metrics["trained"] == 1 and metrics["steps"] == 4 and metrics["kmeans_k"] == 16
+    for name in ("knn_top1", "tokens_linear_top1", "tokens_knn_top1", "codes_used"):
+        for side in ("ssl", "random"):
+            assert 0.0 <= metrics[f"{name}_{side}"] <= (16 if name == "codes_used" else 1.0), name
+    # the change rate of both encoders at every SNR of evaluate.stability, not only 10 dB
+    snrs = params.evaluate.stability.snrs_db
+    assert len(snrs) == 7 and metrics["stability_snrs"] == 7
+    for snr in snrs:
+        for side in ("ssl", "random"):
+            assert 0.0 <= metrics[f"change_rate_{snr:g}db_{side}"] <= 1.0
+    assert 0 <= metrics["stability_wins"] <= 7
+    assert metrics["knn_gain_points"] == pytest.approx(
+        100 * (metrics["knn_top1_ssl"] - metrics["knn_top1_random"])
+    )
     assert not (root / "encoder.partial").exists()
     enc = build_encoder("ssl", weights=root / "encoder", layer=-3)
     assert enc.grid == (4, 4) and enc.dim == 32
@@ -54,6 +71,7 @@ def test_stage_writes_a_loadable_encoder_and_metrics(pretrained):
     assert feats.shape == (2, 16, 32) and torch.isfinite(feats).all()
     rows = read_curves(root / "curves")
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and {"loss", "lr"} <= set(rows[0])
+    assert {"dense_inv", "embedding_rank"} <= set(rows[0])
 
 
 def test_inspect_encoder_checkpoint(pretrained, tmp_path):
@@ -76,3 +94,55 @@ def test_bad_ssl_params_name_the_key():
 
     with pytest.raises(ParamsError, match=r"pretrain_encoder: SSLConfig.local_crop_size"):
         tiny_params(pretrain_encoder={**TINY_SSL, "local_crop_size": 12})
+
+
+def test_source_timm_trains_nothing(tmp_path, monkeypatch):
+    # With an encoder from elsewhere the stage neither trains nor reads images: the image dir does not exist
+    # and training would fail the test; it writes a marker that the ssl loader refuses with a clear message.
+    from pipeline.encoders import EncoderError
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrain_encoder trained with encoder.source: timm")
+
+    monkeypatch.setattr(pretrain_encoder, "pretrain_encoder", no_training)
+    params = tiny_params(encoder__source="timm", encoder__name="vit_small_patch14_reg4_dinov2.lvd142m")
+    out = tmp_path / "encoder"
+    metrics = pretrain_encoder.run(params, images=str(tmp_path / "no-images"), out=str(out), curves=None)
+    assert metrics == {"trained": 0, "steps": 0, "train_seconds": 0.0}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    marker = json.loads((out / "config.json").read_text())
+    assert marker["kind"] == "unused" and marker["encoder_source"] == "timm" and "'timm'" in marker["reason"]
+    with pytest.raises(EncoderError, match="pretrain_encoder trained no encoder here"):
+        build_encoder("ssl", weights=out)
+
+
+def test_stage_reads_encoder_source_in_dvc_yaml():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain_encoder"]
+    for key in (
+        "encoder.source",
+        "encoder.layer",
+        "pretrain_encoder",
+        "kmeans.k",
+        "evaluate.stability.snrs_db",
+    ):
+        assert key in stage["params"], key
+
+
+def test_fresh_images_come_from_the_generator_only_for_builtin_data(tmp_path):
+    from pipeline.synthetic import generate_images
+
+    params = tiny_params(pretrain_encoder={**TINY_SSL, "fresh_images": True}, base__seed=3)
+    cfg = pretrain_encoder.ssl_config(params)
+    batches, source = pretrain_encoder.training_batches(params, cfg, str(tmp_path / "unused"))
+    assert source.startswith("fresh built-in train images")
+    expected, _ = generate_images(8, 32, 3, 10, "train", start=8)  # step 1 of batch 8
+    assert torch.equal(next(batches(1))["image"], torch.from_numpy(expected).permute(0, 3, 1, 2))
+    # an ImageFolder has no generator: the train shards are streamed
+    folder = tiny_params(
+        pretrain_encoder={**TINY_SSL, "fresh_images": True},
+        prepare__source="imagefolder",
+        prepare__root=str(tmp_path),
+    )
+    prepare.run(tiny_params(), out=str(tmp_path / "images"))
+    _, source = pretrain_encoder.training_batches(folder, cfg, str(tmp_path / "images"))
+    assert source == "24 train images (1.3 epochs)"

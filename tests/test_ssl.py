@@ -14,6 +14,8 @@ from pipeline.ssl import (
     SSLConfig,
     ViewAugment,
     augment_view,
+    build_ssl_model,
+    build_vit,
     export_encoder,
     image_batches,
     load_encoder,
@@ -348,3 +350,314 @@ def test_weighted_knn():
     query = torch.tensor([[1.0, 0.2]])
     assert knn_predict(bank, labels, query, 2, k=3, temperature=0.07).item() == 1
     assert knn_predict(bank, labels, query, 2, k=3, temperature=1e4).item() == 0
+
+
+# --- joint-embedding objectives (VICReg, SimCLR) and the dense term --------------------------------------
+
+JOINT = dict(TINY, proj_dim=64, proj_hidden_dim=64, dense_proj_dim=32, head_bn=True, depth=3)
+
+
+def joint_cfg(**over) -> SSLConfig:
+    return SSLConfig(**{**JOINT, **over})
+
+
+def shapes(n: int = 8, size: int = 32) -> np.ndarray:
+    from pipeline.synthetic import generate_images
+
+    return generate_images(n, size, seed=0, num_classes=4)[0]
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        # DINO's cross-entropy rises early on while the teacher sharpens (its KL to the student falls); with
+        # the teacher and centre frozen the target is fixed, so the loss itself must fall
+        {"objective": "dino", "momentum_start": 1.0, "center_momentum": 1.0},
+        {"objective": "dino", "momentum_start": 1.0, "center_momentum": 1.0, "ibot_weight": 1.0},
+        {"objective": "vicreg"},
+        {"objective": "vicreg", "dense_weight": 1.0, "rotate": 30.0},
+        {"objective": "simclr"},
+        {"objective": "simclr", "dense_weight": 0.5},
+    ],
+    ids=["dino", "ibot", "vicreg", "vicreg-dense", "simclr", "simclr-dense"],
+)
+def test_each_objective_is_finite_and_falls_on_a_tiny_run(tmp_path, over):
+    # One fixed batch of 8 shapes, 30 steps: the loss of the last steps is below that of the first ones.
+    cfg = (tiny_cfg if over["objective"] == "dino" else joint_cfg)(
+        **over, steps=30, batch_size=8, warmup_steps=3, lr=2e-3, local_crops=1, collapse_warmup_steps=100
+    )
+    model = build_ssl_model(cfg)
+    fit(
+        model,
+        image_batches(shapes(8), cfg.batch_size, cfg.seed),
+        train_config(cfg, device="cpu"),
+        tmp_path / "run",
+        {},
+        log_path=tmp_path / "log.tsv",
+        progress=False,
+    )
+    losses = [float(r["loss"]) for r in read_tsv(tmp_path / "log.tsv")]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < first, (first, last)
+
+
+def test_vicreg_and_nt_xent_terms():
+    from pipeline.ssl.joint import covariance_loss, effective_rank, nt_xent, variance_loss
+
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(512, 8, generator=g)
+    assert variance_loss(z).item() == 0.0  # every dimension has std > 1
+    assert variance_loss(0.5 * torch.ones(16, 4)).item() == pytest.approx(1 - 1e-2, abs=1e-3)
+    corr = torch.randn(512, 1, generator=g).expand(512, 2)  # two identical dimensions: covariance = variance
+    assert covariance_loss(corr).item() == pytest.approx(2 * corr[:, 0].var().item() ** 2 / 2, rel=1e-4)
+    assert effective_rank(torch.ones(10, 5)) == 0.0
+    assert effective_rank(torch.randn(10, 1, generator=g) * torch.ones(1, 5)) == pytest.approx(1.0, abs=1e-4)
+    assert 7 < effective_rank(torch.randn(1000, 8, generator=g)) <= 8
+    # NT-Xent: views that equal their image's other view (and differ from other images) score low loss and
+    # perfect retrieval; shuffling the second view's rows breaks the pairing.
+    a = torch.nn.functional.one_hot(torch.arange(6), 6).float()
+    good, acc = nt_xent(torch.cat([a, a]), 2, 0.1)
+    bad, bad_acc = nt_xent(torch.cat([a, a[torch.tensor([1, 2, 3, 4, 5, 0])]]), 2, 0.1)
+    assert acc == 1.0 and bad_acc == 0.0 and good < 0.01 < bad
+    three, acc3 = nt_xent(torch.cat([a, a, a]), 3, 0.1)
+    assert acc3 == 1.0 and three.item() == pytest.approx(math.log(2), abs=1e-3)  # two equal positives
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run_joint(tmp_path):
+    cfg = joint_cfg(objective="vicreg", dense_weight=1.0, rotate=20.0, steps=4, local_crops=1)
+    train = train_config(cfg, device="cpu", checkpoint_every=2)
+    meta = {"kind": "ssl_pretrain", "config": cfg.to_dict()}
+    data = shapes(6)
+    ref = build_ssl_model(cfg)
+    fit(ref, image_batches(data, cfg.batch_size, cfg.seed), train, tmp_path / "ref", meta, progress=False)
+
+    def killed_at_3(start):
+        for step, batch in zip(itertools.count(start), image_batches(data, cfg.batch_size, cfg.seed)(start)):
+            if step == 3:
+                raise KeyboardInterrupt("killed")
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_ssl_model(cfg), killed_at_3, train, tmp_path / "run", meta, progress=False)
+    resumed = build_ssl_model(cfg)
+    summary = fit(
+        resumed, image_batches(data, cfg.batch_size, cfg.seed), train, tmp_path / "run", meta, progress=False
+    )
+    assert summary["start_step"] == 2 and int(resumed.step) == 4
+    # exact on CPU: views are a function of (seed, step, rank), the step and BatchNorm statistics are state
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("objective", ["vicreg", "simclr"])
+def test_collapse_detection_constant_features_joint(objective):
+    # Zero the final norm's gain: every image and every patch gets the same features (the norm's bias).
+    cfg = joint_cfg(objective=objective, dense_weight=1.0, collapse_warmup_steps=1, collapse_patience=3)
+    model = build_ssl_model(cfg)
+    with torch.no_grad():
+        model.backbone.norm.weight.zero_()
+    batch = {"image": torch.from_numpy(shapes(8)).permute(0, 3, 1, 2)}
+    with pytest.raises(
+        TrainingStopped, match=r"collapsed: feature_std=0\.0000 .*patch_std=0\.0000.*at step 3\b"
+    ):
+        for step in range(10):
+            model.training_loss(batch)
+            model.after_optimizer_step(step)
+    assert step == 3
+
+
+def test_collapse_detection_invariance_only_vicreg(tmp_path):
+    # VICReg without its variance and covariance terms has a trivial solution — a constant projection —
+    # and finds it: the check stops the run and says which indicator went.
+    cfg = joint_cfg(
+        objective="vicreg",
+        var_weight=0.0,
+        cov_weight=0.0,
+        head_bn=False,
+        lr=5e-3,
+        steps=200,
+        warmup_steps=1,
+        collapse_warmup_steps=5,
+        collapse_patience=3,
+    )
+    with pytest.raises(TrainingStopped, match=r"vicreg\) collapsed: .*embedding_(std|rank)="):
+        fit(
+            build_ssl_model(cfg),
+            image_batches(shapes(16), cfg.batch_size, cfg.seed),
+            train_config(cfg, device="cpu"),
+            tmp_path / "run",
+            {},
+            progress=False,
+        )
+
+
+def test_healthy_joint_start_does_not_trip_the_collapse_checks(tmp_path):
+    cfg = joint_cfg(objective="vicreg", dense_weight=1.0, collapse_warmup_steps=0, collapse_patience=1)
+    summary = fit(
+        build_ssl_model(cfg),
+        image_batches(shapes(12), cfg.batch_size, cfg.seed),
+        train_config(cfg, device="cpu"),
+        tmp_path / "run",
+        {},
+        log_path=tmp_path / "log.tsv",
+        progress=False,
+    )
+    assert summary["steps_run"] == cfg.steps
+    rows = read_tsv(tmp_path / "log.tsv")
+    for key in (
+        "inv_loss",
+        "var_loss",
+        "cov_loss",
+        "dense_inv",
+        "embedding_rank",
+        "patch_std",
+        "matched_share",
+    ):
+        assert all(math.isfinite(float(r[key])) for r in rows), key
+    assert all(0 < float(r["matched_share"]) <= 1 for r in rows)
+
+
+def _box(w: float, h: float, cx: float, cy: float, flip: bool = False, degrees: float = 0.0) -> torch.Tensor:
+    a = math.radians(degrees)
+    f = -1.0 if flip else 1.0
+    return torch.tensor(
+        [[math.cos(a) * w * f, -math.sin(a) * h, cx], [math.sin(a) * w * f, math.cos(a) * h, cy]]
+    ).unsqueeze(0)
+
+
+def test_dense_matching_on_constructed_crops():
+    from pipeline.ssl.joint import match_views, patch_centres, sample_patch_grid
+
+    g = 4
+    full = _box(1, 1, 0, 0)
+    quadrant = _box(0.5, 0.5, 0.5, 0.5)  # the bottom-right quarter of the image
+    # view a = the whole image: only its bottom-right 2x2 patches lie in the quadrant view
+    coords, valid = match_views(full, g, quadrant, g)
+    assert valid[0].nonzero().flatten().tolist() == [10, 11, 14, 15]
+    # patch (row 2, col 2) of the full view is centred at image (0.25, 0.25): the quadrant's (-0.5, -0.5),
+    # halfway between its patches (0, 0), (0, 1), (1, 0), (1, 1)
+    torch.testing.assert_close(coords[0, 10], torch.tensor([-0.5, -0.5]))
+    tokens = torch.arange(16.0).view(1, 16, 1)
+    assert sample_patch_grid(tokens, g, coords[:, 10:11])[0, 0, 0].item() == pytest.approx(
+        (0 + 1 + 4 + 5) / 4
+    )
+    # every patch of the quadrant view lies in the full view, on the full view's image coordinates
+    back, valid_b = match_views(quadrant, g, full, g)
+    assert valid_b.all()
+    torch.testing.assert_close(back[0], 0.5 * patch_centres(g) + 0.5)
+
+    # A token map that stores each patch's own image coordinates: sampling it where a patch of the other
+    # view lands returns that patch's image coordinates, for flips, rotations and scale changes alike.
+    def image_coords(theta: torch.Tensor, grid: int) -> torch.Tensor:
+        return patch_centres(grid) @ theta[0, :, :2].T + theta[0, :, 2]
+
+    a = _box(0.6, 0.7, -0.2, 0.1, flip=True, degrees=25)
+    b = _box(0.8, 0.5, 0.1, 0.2, degrees=-40)
+    for ga, gb in ((4, 4), (4, 2), (2, 4)):
+        coords, valid = match_views(a, ga, b, gb)
+        sampled = sample_patch_grid(image_coords(b, gb).unsqueeze(0), gb, coords)
+        expected = image_coords(a, ga)
+        inside = (coords.abs() <= 1 - 1 / gb).all(dim=-1)[0]  # between b's outer patch centres: exact
+        assert inside.any()
+        torch.testing.assert_close(sampled[0][inside], expected[inside], rtol=0, atol=1e-5)
+        assert valid[0][inside].all()
+
+    # A horizontal flip of the whole image: patch (r, c) of one view is patch (r, g-1-c) of the other.
+    coords, valid = match_views(full, g, _box(1, 1, 0, 0, flip=True), g)
+    perm = sample_patch_grid(tokens, g, coords)[0, :, 0].long()
+    assert valid.all() and perm.tolist() == [4 * r + (3 - c) for r in range(4) for c in range(4)]
+
+
+def test_crop_matrices_describe_the_crops():
+    # An image whose channels hold each pixel's normalised (x, y): a crop's patch means are the image
+    # coordinates of the patch centres, which is what match_views computes from the crop matrices.
+    from pipeline.ssl.augment import apply_crop, crop_thetas
+    from pipeline.ssl.joint import patch_centres
+
+    size, out, p = 64, 32, 8
+    c = (2 * torch.arange(size) + 1) / size - 1
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    img = torch.stack([x, y, torch.zeros_like(x)]).unsqueeze(0).expand(6, 3, size, size)
+    theta = crop_thetas(6, (0.15, 0.35), 0.5, torch.Generator().manual_seed(3), rotate=30.0)
+    assert (theta[:, 0, 0] < 0).any() and (theta[:, 0, 0] > 0).any()  # some crops flipped, some not
+    crops = apply_crop(img, theta, out)
+    means = torch.nn.functional.avg_pool2d(crops[:, :2], p).flatten(2).transpose(1, 2)  # [6, 16, 2]
+    centres = patch_centres(out // p)
+    predicted = centres @ theta[:, :, :2].transpose(1, 2) + theta[:, None, :, 2]
+    torch.testing.assert_close(means, predicted, rtol=0, atol=1e-4)
+
+
+def test_generator_and_shard_streams(tmp_path):
+    from pipeline.shards import write_shard
+    from pipeline.ssl import generator_batches, shard_batches
+    from pipeline.synthetic import generate_images
+
+    a = generator_batches(32, 5, 4, batch_size=6, prefetch=True)
+    b = generator_batches(32, 5, 4, batch_size=6, prefetch=False)
+    first = list(itertools.islice(a(0), 3))
+    resumed = next(b(2))["image"]
+    assert torch.equal(resumed, first[2]["image"])
+    # step s is train images s*B .. s*B+B-1 of the generator: always new images, never the val split
+    expected, _ = generate_images(6, 32, 5, 4, "train", start=12)
+    assert torch.equal(first[2]["image"], torch.from_numpy(expected).permute(0, 3, 1, 2))
+
+    imgs = images(10, 8)
+    for i in range(2):
+        write_shard(
+            tmp_path / f"train-{i:05d}.tar",
+            [(f"k{j}", {"png": imgs[j], "cls": 0}) for j in range(5 * i, 5 * i + 5)],
+        )
+    stream = shard_batches(sorted(tmp_path.glob("train-*.tar")), 5, seed=1)
+    epoch = torch.cat([s["image"] for s in itertools.islice(stream(0), 2)])
+    assert epoch.shape == (10, 3, 8, 8) and epoch.dtype == torch.uint8
+    assert {bytes(t.permute(1, 2, 0).numpy().tobytes()) for t in epoch} == {bytes(i.tobytes()) for i in imgs}
+    assert torch.equal(next(stream(1))["image"], epoch[5:])
+
+
+def test_joint_config_checks():
+    with pytest.raises(ValueError, match="objective: expected one of"):
+        joint_cfg(objective="byol")
+    with pytest.raises(ValueError, match="ibot_weight: 1.0 is a DINO term"):
+        joint_cfg(objective="vicreg", ibot_weight=1.0)
+    with pytest.raises(ValueError, match="dense_weight: the dense term belongs to the joint"):
+        tiny_cfg(objective="dino", dense_weight=1.0)
+    with pytest.raises(ValueError, match="dense_layer: -4 is out of range for depth 3"):
+        joint_cfg(objective="vicreg", dense_weight=1.0, dense_layer=-4)
+    with pytest.raises(ValueError, match="global_crop_size: 20 must be a positive multiple of patch_size 8"):
+        joint_cfg(objective="vicreg", global_crop_size=20)
+
+
+def test_joint_export_is_the_trained_backbone(tmp_path):
+    cfg = joint_cfg(objective="simclr")
+    model = build_ssl_model(cfg)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.5)
+    model.step.fill_(3)
+    export_encoder(model, tmp_path / "enc")
+    vit, meta = load_encoder(tmp_path / "enc")
+    assert meta["steps"] == 3 and meta["ssl_config"]["objective"] == "simclr"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit.forward_features(x), model.backbone.eval().forward_features(x))
+    # the random-init reference of the stage is the same seed's untrained backbone
+    fresh = build_ssl_model(cfg).export_backbone
+    torch.manual_seed(cfg.seed)
+    assert torch.equal(
+        fresh.state_dict()["pos_embed"], build_vit(cfg.timm_kwargs(), cfg.stem).state_dict()["pos_embed"]
+    )
+
+
+def test_gaussian_noise_augmentation_has_the_requested_snr():
+    from pipeline.metrics.stability import measured_snr_db
+    from pipeline.ssl.augment import gaussian_noise
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, generator=g)
+    assert torch.equal(gaussian_noise(x, 0.0, (5.0, 5.0), g), x)  # p = 0: untouched
+    noisy = gaussian_noise(x, 1.0, (10.0, 10.0), g)
+    snr = measured_snr_db(2 * x - 1, 2 * noisy - 1)  # measured where the stability metric measures it
+    assert snr.mean().item() == pytest.approx(10.0, abs=0.1) and snr.std() < 0.2
+    half = gaussian_noise(x, 0.5, (10.0, 20.0), g)
+    changed = (half != x).flatten(1).any(dim=1)
+    assert 16 < int(changed.sum()) < 48

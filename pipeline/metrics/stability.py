@@ -126,3 +126,8 @@ def stability_table(
         }
         for k, snr in enumerate(snrs_db)
     ]
+
+
+def snr_key(snr_db: float) -> str:
+    """Metric-key form of an SNR: 30.0 -> "30db", 2.5 -> "2p5db" (metric keys carry no dots)."""
+    return f"{snr_db:g}".replace(".", "p").replace("-", "m") + "db"

@@ -1,9 +1,10 @@
 """DINO's multi-crop augmentation as batched torch ops, every random draw from one torch.Generator.
 
-Per view: random resized crop + horizontal flip (one affine resampling), colour jitter, random grayscale,
-Gaussian blur, solarisation — the recipe of DINO (Caron et al. 2021), with the colour-jitter ops in a fixed
-order (brightness, contrast, saturation, hue) rather than a random one. Images are float [B, 3, H, W] in
-[0, 1]; outputs stay in [0, 1] (normalisation is the caller's). Same generator state => same crops.
+Per view: random resized crop + horizontal flip (+ optional rotation; one affine resampling), colour jitter,
+random grayscale, Gaussian blur, solarisation — the recipe of DINO (Caron et al. 2021), with the colour-jitter
+ops in a fixed order (brightness, contrast, saturation, hue) rather than a random one — and optional Gaussian
+pixel noise. Images are float [B, 3, H, W] in [0, 1]; outputs stay in [0, 1] except with noise, which is not
+clipped (normalisation is the caller's). Same generator state => same crops.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class ViewAugment:
     grayscale_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.1, 1.0)
     flip_p: float = 0.5
+    rotate: float = 0.0  # max crop rotation in degrees (0: axis-aligned boxes)
+    noise_p: float = 0.0  # share of views that get Gaussian pixel noise
+    noise_snr_db: tuple[float, float] = (5.0, 30.0)  # its SNR range (uniform in dB)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -44,30 +48,65 @@ def _coin(n: int, p: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) < p
 
 
-def random_resized_crop(
-    x: torch.Tensor, size: int, scale: tuple[float, float], flip_p: float, g: torch.Generator
+def crop_thetas(
+    n: int,
+    scale: tuple[float, float],
+    flip_p: float,
+    g: torch.Generator,
+    rotate: float = 0.0,
 ) -> torch.Tensor:
-    """Crop a random box (area fraction in `scale`, aspect ratio in [3/4, 4/3]) of each image, resize to size².
+    """Random crop boxes as `affine_grid` matrices [n, 2, 3]: output (u, v) in [-1, 1]² samples the image at
+    theta @ (u, v, 1), in the same normalised coordinates (align_corners=False).
 
-    Boxes too wide for the image are clamped to it rather than re-drawn (torchvision retries 10 times).
+    Area fraction in `scale`, aspect ratio in [3/4, 4/3], an optional rotation by up to ±`rotate` degrees,
+    and a horizontal flip with probability flip_p. Boxes too wide for the image are clamped to it rather than
+    re-drawn (torchvision retries 10 times); a rotated box's corners may leave the image (reflected there).
+    The matrices are what the dense loss maps patch grids with (`pipeline/ssl/joint.py:match_views`).
     """
-    n = x.shape[0]
     area = _uniform(n, scale[0], scale[1], g)
     log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), g)
     ratio = log_ratio.exp()
     w = (area * ratio).sqrt().clamp(max=1.0)  # box width / image width
     h = (area / ratio).sqrt().clamp(max=1.0)
-    # Centres in affine_grid's [-1, 1] coordinates, keeping the box inside the image.
-    cx = (2 * torch.rand(n, generator=g) - 1) * (1 - w)
-    cy = (2 * torch.rand(n, generator=g) - 1) * (1 - h)
+    if rotate > 0:
+        # drawn only when asked for, so rotate=0 keeps the random stream of the unrotated recipe
+        angle = _uniform(n, -math.radians(rotate), math.radians(rotate), g)
+        cos, sin = angle.cos(), angle.sin()
+    else:
+        cos, sin = torch.ones(n), torch.zeros(n)
+    # half-extent of the (rotated) box along x and y: centres keep it inside the image where it fits
+    ex = (w * cos).abs() + (h * sin).abs()
+    ey = (w * sin).abs() + (h * cos).abs()
+    cx = (2 * torch.rand(n, generator=g) - 1) * (1 - ex).clamp(min=0)
+    cy = (2 * torch.rand(n, generator=g) - 1) * (1 - ey).clamp(min=0)
     flip = torch.where(_coin(n, flip_p, g), -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w * flip
+    # theta[:, :, :2] = R(angle) @ diag(w * flip, h): flip and scale the box, then rotate it
+    theta[:, 0, 0] = cos * w * flip
+    theta[:, 0, 1] = -sin * h
+    theta[:, 1, 0] = sin * w * flip
+    theta[:, 1, 1] = cos * h
     theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(x), [n, x.shape[1], size, size], align_corners=False)
+    return theta
+
+
+def apply_crop(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample images [B, C, H, W] through crop matrices [B, 2, 3] (`crop_thetas`) to [B, C, size, size]."""
+    grid = F.affine_grid(theta.to(x), [x.shape[0], x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    flip_p: float,
+    g: torch.Generator,
+    rotate: float = 0.0,
+) -> torch.Tensor:
+    """Crop a random box (`crop_thetas`) of each image and resize it to size²."""
+    return apply_crop(x, crop_thetas(x.shape[0], scale, flip_p, g, rotate), size)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -130,13 +169,36 @@ def solarize(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
     return on * torch.where(x >= 0.5, 1 - x, x) + (1 - on) * x
 
 
-def augment_view(x: torch.Tensor, a: ViewAugment, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of every image: [B, 3, H, W] in [0, 1] -> [B, 3, a.size, a.size] in [0, 1]."""
-    x = random_resized_crop(x, a.size, a.scale, a.flip_p, g)
+def gaussian_noise(
+    x: torch.Tensor, p: float, snr_db: tuple[float, float], g: torch.Generator
+) -> torch.Tensor:
+    """Additive Gaussian noise on a random subset (prob p) of the images, at a per-image SNR drawn uniformly
+    in dB from `snr_db` — measured as the stability metric does (pipeline/metrics/stability.py): on the
+    image in [-1, 1], sigma^2 = mean(x^2) / 10^(SNR/10). Not clipped, like the metric's noisy images."""
+    if p <= 0:
+        return x  # draws nothing, so p = 0 keeps the random stream of a recipe without noise
+    n = x.shape[0]
+    on = _coin(n, p, g).float()
+    snr = _uniform(n, snr_db[0], snr_db[1], g)
+    noise = torch.randn(x.shape, generator=g).to(x)
+    power = (2 * x - 1).pow(2).flatten(1).mean(dim=1)
+    sigma = (power / 10 ** (snr.to(x) / 10)).sqrt() * on.to(x)
+    return x + _per_image(sigma / 2, x) * noise  # sigma is in [-1, 1] units: half of it in [0, 1]
+
+
+def augment_view(
+    x: torch.Tensor, a: ViewAugment, g: torch.Generator, with_theta: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One augmented view of every image: [B, 3, H, W] in [0, 1] -> [B, 3, a.size, a.size] in [0, 1]
+    (and, with_theta, its crop matrices [B, 2, 3], see `crop_thetas`)."""
+    theta = crop_thetas(x.shape[0], a.scale, a.flip_p, g, a.rotate)
+    x = apply_crop(x, theta, a.size)
     x = color_jitter(x, a, g)
     x = random_grayscale(x, a.grayscale_p, g)
     x = gaussian_blur(x, a.blur_p, a.blur_sigma, g)
-    return solarize(x, a.solarize_p, g)
+    x = solarize(x, a.solarize_p, g)
+    x = gaussian_noise(x, a.noise_p, a.noise_snr_db, g)
+    return (x, theta) if with_theta else x
 
 
 def multi_crop(

@@ -13,8 +13,6 @@ tokenizer clusters, not only the CLS token.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,125 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.sampling import derive_seed
-from pipeline.ssl.augment import ViewAugment, multi_crop
-from pipeline.ssl.vit import STEMS, build_vit, vit_kwargs
+from pipeline.ssl.augment import multi_crop
+from pipeline.ssl.config import SSLConfig
+from pipeline.ssl.vit import build_vit
 from pipeline.train import TrainingStopped, rank_world
-
-CENTERINGS = ("ema", "sinkhorn")
-
-
-@dataclass
-class SSLConfig:
-    # backbone (timm VisionTransformer)
-    img_size: int = 64
-    stem: str = "patch"  # "patch": timm's linear patch embedding | "conv": stride-2 conv stack (vit.py)
-    patch_size: int = 8
-    embed_dim: int = 192
-    depth: int = 6
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    reg_tokens: int = 0
-    drop_path_rate: float = 0.0
-    # projection heads: MLP -> bottleneck -> L2-normalised prototypes
-    out_dim: int = 1024
-    head_hidden_dim: int = 512
-    head_bottleneck_dim: int = 128
-    head_bn: bool = False  # BatchNorm in the head MLPs (DINO's use_bn_in_head)
-    # multi-crop
-    global_crop_scale: tuple[float, float] = (0.35, 1.0)
-    local_crops: int = 4
-    local_crop_size: int = 32
-    local_crop_scale: tuple[float, float] = (0.1, 0.35)
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1  # max hue shift as a fraction of the colour circle (0.5 = any hue)
-    grayscale_p: float = 0.2
-    # distillation
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 30
-    centering: str = "ema"  # "ema": DINO's EMA centre | "sinkhorn": DINOv2's Sinkhorn-Knopp batch balancing
-    center_momentum: float = 0.9
-    sinkhorn_iters: int = 3
-    momentum_start: float = 0.99  # teacher EMA momentum, cosine-increased to 1.0 at the last step
-    # KoLeo regulariser (DINOv2) on the student's global-crop CLS features: spreads them apart (0 = off)
-    koleo_weight: float = 0.0
-    # iBOT masked-patch loss (0 = off)
-    ibot_weight: float = 0.0
-    mask_prob: float = 0.5  # share of global crops that get masked
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of patches masked in such a crop
-    patch_out_dim: int = 1024
-    # collapse detection: after warm-up, `patience` consecutive bad steps raise TrainingStopped
-    collapse_warmup_steps: int = 50
-    collapse_patience: int = 10
-    min_feature_std: float = 0.02  # std of L2-normalised student CLS features, x sqrt(D)
-    min_batch_entropy: float = 0.02  # entropy of the batch-mean teacher distribution / log K
-    max_teacher_entropy: float = 0.98  # mean per-image teacher entropy / log K
-    # optimisation (used by pretrain_encoder to build the shared loop's TrainConfig)
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.04
-    grad_clip: float = 3.0
-    # data
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("global_crop_scale", "local_crop_scale", "blur_sigma", "mask_ratio", "mean", "std"):
-            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
-        vit_kwargs(self.img_size, self.patch_size, self.embed_dim, self.depth, self.num_heads)  # validates
-        if self.local_crops > 0 and self.local_crop_size % self.patch_size != 0:
-            raise ValueError(
-                f"SSLConfig.local_crop_size: {self.local_crop_size} must be a multiple of "
-                f"patch_size {self.patch_size}"
-            )
-        for name in ("global_crop_scale", "local_crop_scale", "mask_ratio"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"SSLConfig.{name}: expected 0 < lo <= hi <= 1, got {(lo, hi)}")
-        if self.stem not in STEMS:
-            raise ValueError(f"SSLConfig.stem: expected one of {STEMS}, got {self.stem!r}")
-        if self.centering not in CENTERINGS:
-            raise ValueError(f"SSLConfig.centering: expected one of {CENTERINGS}, got {self.centering!r}")
-        if not 0 <= self.momentum_start <= 1 or not 0 <= self.center_momentum <= 1:
-            raise ValueError("SSLConfig: momentum_start and center_momentum must lie in [0, 1]")
-        for name in ("steps", "batch_size", "out_dim", "patch_out_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SSLConfig.{name}: expected >= 1, got {getattr(self, name)}")
-        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise ValueError("SSLConfig: temperatures must be > 0")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "pretrain_encoder") -> SSLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown key(s) {', '.join(unknown)}; expected some of {sorted(known)}"
-            )
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def timm_kwargs(self) -> dict[str, Any]:
-        return vit_kwargs(
-            self.img_size,
-            self.patch_size,
-            self.embed_dim,
-            self.depth,
-            self.num_heads,
-            self.mlp_ratio,
-            self.reg_tokens,
-        )
 
 
 def momentum_at(cfg: SSLConfig, step: int) -> float:
@@ -271,22 +154,7 @@ class DINO(nn.Module):
         self.register_buffer("patch_center", torch.zeros(1, cfg.patch_out_dim if self.ibot else 1))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-        size, local = cfg.img_size, cfg.local_crop_size
-        colour = dict(
-            jitter_p=cfg.jitter_p,
-            brightness=cfg.brightness,
-            contrast=cfg.contrast,
-            saturation=cfg.saturation,
-            hue=cfg.hue,
-            grayscale_p=cfg.grayscale_p,
-            blur_sigma=cfg.blur_sigma,
-        )
-        # DINO's recipe: view 1 always blurred; view 2 rarely blurred, sometimes solarised; locals half blurred.
-        self.global_views = (
-            ViewAugment(size, cfg.global_crop_scale, blur_p=1.0, **colour),
-            ViewAugment(size, cfg.global_crop_scale, blur_p=0.1, solarize_p=0.2, **colour),
-        )
-        self.local_view = ViewAugment(local, cfg.local_crop_scale, blur_p=0.5, **colour)
+        self.global_views, self.local_view = cfg.view_augments()
         self._pending: dict[str, torch.Tensor] = {}
         self._indicators: dict[str, float] = {}
         self._bad_steps = 0
@@ -294,6 +162,11 @@ class DINO(nn.Module):
     @property
     def ibot(self) -> bool:
         return self.cfg.ibot_weight > 0
+
+    @property
+    def export_backbone(self) -> nn.Module:
+        """The network `export_encoder` writes: the EMA teacher's backbone."""
+        return self.teacher_backbone
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = [(self.student_backbone, self.teacher_backbone), (self.student_head, self.teacher_head)]
@@ -349,7 +222,7 @@ class DINO(nn.Module):
         std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
         glob = (glob - mean) / std
         loc = (loc - mean) / std if loc is not None else None
-        grid = cfg.img_size // cfg.patch_size
+        grid = glob.shape[-1] // cfg.patch_size
         masks = self._random_masks(glob.shape[0], grid, g).to(x.device) if self.ibot else None
         prefix = self.student_backbone.num_prefix_tokens
 

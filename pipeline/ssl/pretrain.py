@@ -1,58 +1,24 @@
-"""Pretrain the offline default encoder: DINO/iBOT on an in-memory image array with the shared `fit` loop,
-then export the teacher backbone for the tokenizer (pipeline/encoders.py, source "ssl")."""
+"""Pretrain the offline default encoder with the shared `fit` loop on a stream of images (pipeline/ssl/data.py),
+then export the backbone for the tokenizer (pipeline/encoders.py, source "ssl")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from torch import nn
 
-from pipeline.ssl.dino import DINO, SSLConfig
+from pipeline.ssl.config import SSLConfig
+from pipeline.ssl.data import Batches
+from pipeline.ssl.dino import DINO
+from pipeline.ssl.joint import JointEmbedding
 from pipeline.ssl.vit import export_encoder
 from pipeline.train import TrainConfig, fit, rank_world
 
 
-def image_batches(
-    images: np.ndarray, batch_size: int, seed: int
-) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
-    """`batches(start_step)` for `fit`: this rank's share of global batch `batch_size` at each step.
-
-    images: uint8 [N, H, W, 3]. The sample stream is epoch after epoch of a permutation drawn from
-    (seed, epoch), so the batch of step s is a function of (seed, s, rank, world) and a resume is exact.
-    """
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images: expected uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    n = len(images)
-    if n == 0:
-        raise ValueError("images: empty; SSL pretraining needs at least one image")
-
-    def batches(start: int) -> Iterator[dict[str, torch.Tensor]]:
-        rank, world = rank_world()
-        if batch_size % world != 0:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world}")
-        per_rank = batch_size // world
-        perms: dict[int, np.ndarray] = {}
-
-        def perm(epoch: int) -> np.ndarray:
-            if epoch not in perms:
-                if len(perms) > 2:
-                    perms.clear()
-                perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-            return perms[epoch]
-
-        step = start
-        while True:
-            pos = np.arange(step * batch_size + rank * per_rank, step * batch_size + (rank + 1) * per_rank)
-            epochs, offsets = pos // n, pos % n
-            # pos is increasing, so concatenating epoch by epoch keeps the stream order
-            idx = np.concatenate([perm(int(e))[offsets[epochs == e]] for e in np.unique(epochs)])
-            yield {"image": torch.from_numpy(images[idx]).permute(0, 3, 1, 2).contiguous()}
-            step += 1
-
-    return batches
+def build_ssl_model(cfg: SSLConfig) -> DINO | JointEmbedding:
+    """The module that trains `cfg.objective`: DINO (dino, iBOT) or JointEmbedding (vicreg, simclr)."""
+    return DINO(cfg) if cfg.objective == "dino" else JointEmbedding(cfg)
 
 
 def train_config(cfg: SSLConfig, device: str = "auto", checkpoint_every: int | None = None) -> TrainConfig:
@@ -74,7 +40,7 @@ def train_config(cfg: SSLConfig, device: str = "auto", checkpoint_every: int | N
 
 
 def pretrain_encoder(
-    images: np.ndarray,
+    batches: Batches,
     cfg: SSLConfig,
     run_dir: str | Path,
     out_dir: str | Path,
@@ -82,17 +48,18 @@ def pretrain_encoder(
     device: str = "auto",
     checkpoint_every: int | None = None,
     progress: bool = True,
-) -> tuple[DINO, dict[str, Any]]:
-    """Train DINO (resuming from run_dir/last if present) and export the teacher backbone to out_dir.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train cfg.objective on `batches` (resuming from run_dir/last if present) and export the encoder
+    (DINO's teacher backbone, a joint-embedding model's backbone) to out_dir.
 
     Returns the trained module and fit's summary plus images_per_s (source images, not crops), minutes
     and the encoder directory.
     """
-    model = DINO(cfg)
+    model = build_ssl_model(cfg)
     meta = {"kind": "ssl_pretrain", "config": cfg.to_dict()}
     summary = fit(
         model,
-        image_batches(images, cfg.batch_size, cfg.seed),
+        batches,
         train_config(cfg, device, checkpoint_every),
         Path(run_dir),
         meta,

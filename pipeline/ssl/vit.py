@@ -93,12 +93,13 @@ def build_vit(kwargs: dict[str, Any], stem: str = "patch", drop_path_rate: float
 
 
 def export_encoder(model: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write the TEACHER backbone of a trained `DINO` as an encoder checkpoint (model.safetensors + config.json).
+    """Write the encoder of a trained SSL model — its `export_backbone`: DINO's teacher, a joint-embedding
+    model's backbone — as an encoder checkpoint (model.safetensors + config.json).
 
     meta: kind "ssl_vit", timm_kwargs, stem, mean, std, img_size, patch_size, steps, and the SSL config it was
     trained with (provenance). The write is atomic (pipeline/checkpoint.py).
     """
-    teacher = model.teacher_backbone
+    backbone = model.export_backbone
     kwargs = dict(model.timm_kwargs)
     meta = {
         "kind": ENCODER_KIND,
@@ -111,7 +112,7 @@ def export_encoder(model: torch.nn.Module, out_dir: str | Path) -> Path:
         "steps": int(model.step),
         "ssl_config": model.cfg.to_dict(),
     }
-    return save_checkpoint(out_dir, teacher.state_dict(), meta)
+    return save_checkpoint(out_dir, backbone.state_dict(), meta)
 
 
 def load_encoder(directory: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
