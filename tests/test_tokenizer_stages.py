@@ -380,10 +380,18 @@ def test_imported_centroids_skip_kmeans_and_report_usage_on_the_sample(
     saved = np.load(tmp_path / "kmeans/centroids.npy")
     assert saved.dtype == np.float32 and np.array_equal(saved, given.astype(np.float32))
     # usage on the same sample of train patches the fit used
-    x = sample_patches(open_features(root / "features.zarr")["train/patches"], 300, params.kmeans.seed)
+    x = sample_patches(
+        open_features(root / "features.zarr")["train/patches"],
+        params.kmeans.sample_patches,
+        params.kmeans.seed,
+    )
     counts = np.bincount(assign(x, saved), minlength=8)
     assert np.array_equal(np.load(tmp_path / "kmeans/usage.npy"), counts)
-    assert m["imported"] == 1 and m["n_points"] == 300 and m["dead_clusters"] == int((counts == 0).sum())
+    assert (
+        m["imported"] == 1
+        and m["n_points"] == params.kmeans.sample_patches
+        and m["dead_clusters"] == int((counts == 0).sum())
+    )
     assert m["mean_sq_distance"] > m_km["mean_sq_distance"]  # random centroids fit worse than K-Means'
     meta = json.loads((tmp_path / "kmeans/kmeans.json").read_text())
     assert (
