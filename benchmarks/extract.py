@@ -43,7 +43,8 @@ from pipeline.config import Params, with_overrides  # noqa: E402
 from pipeline.encoders import Encoder  # noqa: E402
 from pipeline.features import shard_layout  # noqa: E402
 from pipeline.shards import iter_samples  # noqa: E402
-from pipeline.ssl.vit import ENCODER_KIND, build_vit, vit_kwargs  # noqa: E402
+from pipeline.ssl.config import vit_kwargs  # noqa: E402
+from pipeline.ssl.vit import ENCODER_KIND, build_vit  # noqa: E402
 from pipeline.tokenizer import encoder_from_params  # noqa: E402
 from stages import extract, prepare  # noqa: E402
 

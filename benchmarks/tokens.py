@@ -51,7 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.checkpoint import checkpoint_sha256, save_checkpoint  # noqa: E402
 from pipeline.config import Params, load_params, with_overrides  # noqa: E402
 from pipeline.shards import write_shard  # noqa: E402
-from pipeline.ssl.vit import ENCODER_KIND, build_vit, vit_kwargs  # noqa: E402
+from pipeline.ssl.config import vit_kwargs  # noqa: E402
+from pipeline.ssl.vit import ENCODER_KIND, build_vit  # noqa: E402
 from pipeline.tokenizer import (  # noqa: E402
     DigitTokenizer,
     encoder_from_params,

@@ -6,25 +6,20 @@ stage glue.
 * linear-probe features of a frozen GPT (`gpt_probe_features`, streamed to disk by `write_probe_features`):
   each block's output mean-pooled over [BOS, t1..tN], fed BOS / the null class (labels=None) so the label
   never leaks into the features;
-* stability tokenizer adapters for pipeline.metrics.stability: both take float images in [-1, 1]
-  (the shared domain, where the noise is added) and see *identical* noisy pixels;
 * upper-bound images: true DiGIT tokens -> renderer -> VQ decoder, and plain VQ reconstructions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.assign import assign
-from pipeline.encoders import Encoder
 from pipeline.metrics.probe import FeatureFile
 from pipeline.models.gpt import GPT, rowwise
 from pipeline.models.nar_renderer import NARRenderer
@@ -32,7 +27,6 @@ from pipeline.models.renderer import Renderer
 from pipeline.pixel_vq import to_model_range, to_uint8
 from pipeline.sampling import sample_generators
 from pipeline.shards import ShardImages, count_samples, decode_sample, iter_samples, list_shards
-from pipeline.tokenizer import DigitTokenizer
 
 # --- seeded subsets of shards ------------------------------------------------------------------------
 
@@ -126,52 +120,6 @@ def write_probe_features(
             f.append(h.float().mean(dim=1))
     gpt.train(was_training)
     return files
-
-
-# --- stability tokenizer adapters ----------------------------------------------------------------------
-
-
-def encoder_input(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-    """Float images [B, 3, H, W] in [-1, 1] (noisy ones may lie outside) -> the encoder's normalised input.
-
-    The same mapping as Encoder.preprocess for images in range — x/2 + 1/2 into [0, 1], bicubic resize to
-    the encoder's size, the encoder's mean/std — but without preprocess' range check and clamping: clamping
-    the noisy pixels would shrink the noise the DiGIT encoder sees (heavily at low SNR) while the VQ encoder
-    gets it unclamped, biasing the comparison in DiGIT's favour."""
-    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(
-            f"expected float images [B, 3, H, W] in [-1, 1], got {images.dtype} {tuple(images.shape)}"
-        )
-    x = (images.to(encoder.device, torch.float32) + 1.0) / 2.0
-    size = encoder.img_size
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
-    mean = torch.tensor(encoder.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(encoder.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-class DigitStabilityTokenizer(DigitTokenizer):
-    """The DiGIT tokenizer as a pipeline.metrics.stability `Tokenize`: images [-1, 1], unclamped (see
-    `encoder_input`) -> (tokens [B, T], patch features [B, T, D]), both on the CPU."""
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.encoder.features_of_input(encoder_input(self.encoder, images))
-        return assign(feats, self.centroids).cpu(), feats.cpu()
-
-
-def vq_stability_tokenizer(vq: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The pixel VQ tokenizer (ours or an imported VQGAN) as a `Tokenize`: images [-1, 1] -> (ids [B, h*w],
-    pre-quantisation latents [B, h*w, D]); the cosine is measured before rounding to the codebook."""
-    device = next(vq.parameters()).device
-
-    @torch.inference_mode()
-    def tokenize(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, latents = vq.tokens_and_latents(images.to(device, torch.float32))
-        return ids.cpu(), latents.cpu()
-
-    return tokenize
 
 
 # --- upper-bound images --------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ fused on-device tokenization of image views (DiGIT and pixel-VQ tokens of the sa
 
 Used by the stages (extract/tokenize), the stability metric and `digit inspect`. Models are built once per
 process (functools caches keyed on params, paths and content hashes), which is what lets per-shard jobs be
-plain module-level functions that a process-based task runner can pickle.
+plain module-level functions that a process-based task runner can pickle. The stability adapters at the end
+take float images in [-1, 1] (the shared domain, where the noise is added), so the DiGIT and the VQ tokenizer
+see *identical* noisy pixels.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.assign import assign
@@ -163,3 +167,49 @@ def tokenize_views(
         digit.append(tokenizer(x)[0])
         pixel.append(vq.encode(vq_input(x)))
     return torch.stack(digit, dim=1), torch.stack(pixel, dim=1)
+
+
+# --- stability tokenizer adapters ----------------------------------------------------------------------
+
+
+def encoder_input(encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    """Float images [B, 3, H, W] in [-1, 1] (noisy ones may lie outside) -> the encoder's normalised input.
+
+    The same mapping as Encoder.preprocess for images in range — x/2 + 1/2 into [0, 1], bicubic resize to
+    the encoder's size, the encoder's mean/std — but without preprocess' range check and clamping: clamping
+    the noisy pixels would shrink the noise the DiGIT encoder sees (heavily at low SNR) while the VQ encoder
+    gets it unclamped, biasing the comparison in DiGIT's favour."""
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"expected float images [B, 3, H, W] in [-1, 1], got {images.dtype} {tuple(images.shape)}"
+        )
+    x = (images.to(encoder.device, torch.float32) + 1.0) / 2.0
+    size = encoder.img_size
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    mean = torch.tensor(encoder.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DigitStabilityTokenizer(DigitTokenizer):
+    """The DiGIT tokenizer as a pipeline.metrics.stability `Tokenize`: images [-1, 1], unclamped (see
+    `encoder_input`) -> (tokens [B, T], patch features [B, T, D]), both on the CPU."""
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.encoder.features_of_input(encoder_input(self.encoder, images))
+        return assign(feats, self.centroids).cpu(), feats.cpu()
+
+
+def vq_stability_tokenizer(vq: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The pixel VQ tokenizer (ours or an imported VQGAN) as a `Tokenize`: images [-1, 1] -> (ids [B, h*w],
+    pre-quantisation latents [B, h*w, D]); the cosine is measured before rounding to the codebook."""
+    device = next(vq.parameters()).device
+
+    @torch.inference_mode()
+    def tokenize(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, latents = vq.tokens_and_latents(images.to(device, torch.float32))
+        return ids.cpu(), latents.cpu()
+
+    return tokenize

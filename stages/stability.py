@@ -21,12 +21,10 @@ import torch
 
 from pipeline.config import Params
 from pipeline.evaluation import (
-    DigitStabilityTokenizer,
     load_images,
     read_subset,
     require,
     stack_field,
-    vq_stability_tokenizer,
 )
 from pipeline.live import Plot, log_results
 from pipeline.metrics.stability import stability_table
@@ -34,7 +32,12 @@ from pipeline.pixel_vq import load_pixel_vq, to_model_range
 from pipeline.shards import list_shards
 from pipeline.stage import MapJobs, stage_main
 from pipeline.stream import read_token_meta
-from pipeline.tokenizer import encoder_from_params, load_centroids
+from pipeline.tokenizer import (
+    DigitStabilityTokenizer,
+    encoder_from_params,
+    load_centroids,
+    vq_stability_tokenizer,
+)
 from pipeline.train import resolve_device
 from stages.train_gpt import token_spec
 

@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 import yaml
 
 from pipeline.config import Params, ParamsError, load_params, parse_params, with_overrides
+from pipeline.ssl.config import SSLConfig
 
 from .conftest import REPO
 
@@ -97,3 +101,24 @@ def test_extract_sample_is_a_fraction_or_a_count_and_crops_are_ranges():
     assert parse_params({"tokenize": {"workers": "auto"}}).tokenize.workers == "auto"
     with pytest.raises(ParamsError, match=r"extract: workers must be >= 0 or 'auto', got -1"):
         parse_params({"extract": {"workers": -1}})
+
+
+def test_reading_params_imports_neither_timm_nor_the_training_code():
+    # Every stage validates params first; the schema must not drag in timm/torchvision (≈ 2 s per stage).
+    code = (
+        "import sys; import pipeline.config; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'torchvision') "
+        "or m in ('pipeline.ssl.vit', 'pipeline.ssl.joint', 'pipeline.ssl.dino', 'pipeline.encoders')); "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_ssl_package_exports_resolve_lazily():
+    import pipeline.ssl as ssl
+
+    assert ssl.SSLConfig is SSLConfig
+    assert callable(ssl.build_vit) and callable(ssl.vit_kwargs)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ssl.nope  # noqa: B018

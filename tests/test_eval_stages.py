@@ -13,13 +13,11 @@ import torch
 
 from pipeline.config import Params, dump_params, with_overrides
 from pipeline.evaluation import (
-    DigitStabilityTokenizer,
     load_images,
     read_subset,
     render_true_tokens,
     subset_indices,
     vq_reconstructions,
-    vq_stability_tokenizer,
     write_probe_features,
 )
 from pipeline.io import read_json
@@ -30,7 +28,13 @@ from pipeline.models.judge import evaluate_accuracy, judge_fingerprint, load_jud
 from pipeline.models.renderer import load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_model_range, to_uint8
 from pipeline.shards import ShardImages, iter_samples, list_shards
-from pipeline.tokenizer import DigitTokenizer, encoder_from_params, load_centroids
+from pipeline.tokenizer import (
+    DigitStabilityTokenizer,
+    DigitTokenizer,
+    encoder_from_params,
+    load_centroids,
+    vq_stability_tokenizer,
+)
 from stages import (
     class_match,
     compare,

@@ -1,36 +1,45 @@
-"""Self-supervised pretraining of the offline default encoder (a small timm ViT): DINO/iBOT, VICReg, SimCLR."""
+"""Self-supervised pretraining of the offline default encoder (a small timm ViT): DINO/iBOT, VICReg, SimCLR.
 
-from pipeline.ssl.augment import ViewAugment, augment_view, crop_thetas, multi_crop
-from pipeline.ssl.config import OBJECTIVES, SSLConfig
-from pipeline.ssl.data import generator_batches, image_batches, shard_batches
-from pipeline.ssl.dino import DINO, DINOHead, momentum_at, teacher_temp_at
-from pipeline.ssl.joint import JointEmbedding, match_views, sample_patch_grid
-from pipeline.ssl.pretrain import build_ssl_model, pretrain_encoder, train_config
-from pipeline.ssl.vit import ENCODER_KIND, build_vit, export_encoder, load_encoder, vit_kwargs
+The names below are imported on first use (PEP 562), so reading the params schema (pipeline/config.py ->
+pipeline/ssl/config.py) does not import timm and the training code.
+"""
 
-__all__ = [
-    "DINO",
-    "DINOHead",
-    "ENCODER_KIND",
-    "OBJECTIVES",
-    "JointEmbedding",
-    "SSLConfig",
-    "ViewAugment",
-    "augment_view",
-    "build_ssl_model",
-    "build_vit",
-    "crop_thetas",
-    "export_encoder",
-    "generator_batches",
-    "image_batches",
-    "load_encoder",
-    "match_views",
-    "momentum_at",
-    "multi_crop",
-    "pretrain_encoder",
-    "sample_patch_grid",
-    "shard_batches",
-    "teacher_temp_at",
-    "train_config",
-    "vit_kwargs",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "augment_view": "augment",
+    "build_ssl_model": "pretrain",
+    "build_vit": "vit",
+    "crop_thetas": "augment",
+    "DINO": "dino",
+    "DINOHead": "dino",
+    "ENCODER_KIND": "vit",
+    "export_encoder": "vit",
+    "generator_batches": "data",
+    "image_batches": "data",
+    "JointEmbedding": "joint",
+    "load_encoder": "vit",
+    "match_views": "joint",
+    "momentum_at": "dino",
+    "multi_crop": "augment",
+    "OBJECTIVES": "config",
+    "pretrain_encoder": "pretrain",
+    "sample_patch_grid": "joint",
+    "shard_batches": "data",
+    "SSLConfig": "config",
+    "teacher_temp_at": "dino",
+    "train_config": "pretrain",
+    "ViewAugment": "augment",
+    "vit_kwargs": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.ssl.{_EXPORTS[name]}"), name)

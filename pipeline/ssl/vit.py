@@ -18,9 +18,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from pipeline.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from pipeline.ssl.config import STEMS
 
 ENCODER_KIND = "ssl_vit"
-STEMS = ("patch", "conv")
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -45,43 +45,6 @@ class ConvStemPatchEmbed(PatchEmbed):
             c = w
         layers.append(nn.Conv2d(c, dim, 1))
         self.proj = nn.Sequential(*layers)
-
-
-def vit_kwargs(
-    img_size: int = 64,
-    patch_size: int = 8,
-    embed_dim: int = 192,
-    depth: int = 6,
-    num_heads: int = 3,
-    mlp_ratio: float = 4.0,
-    reg_tokens: int = 0,
-) -> dict[str, Any]:
-    """Validated, JSON-able timm kwargs of the backbone (everything needed to rebuild it)."""
-    if img_size <= 0 or patch_size <= 0 or img_size % patch_size != 0:
-        raise ValueError(
-            f"ssl encoder: patch_size {patch_size} must divide img_size {img_size} "
-            f"(e.g. img_size 64 with patch_size 8 gives an 8x8 grid of patches)"
-        )
-    if embed_dim % num_heads != 0:
-        raise ValueError(f"ssl encoder: embed_dim {embed_dim} must be a multiple of num_heads {num_heads}")
-    if depth < 1 or reg_tokens < 0:
-        raise ValueError(f"ssl encoder: need depth >= 1 and reg_tokens >= 0, got {depth} and {reg_tokens}")
-    return {
-        "img_size": int(img_size),
-        "patch_size": int(patch_size),
-        "embed_dim": int(embed_dim),
-        "depth": int(depth),
-        "num_heads": int(num_heads),
-        "mlp_ratio": float(mlp_ratio),
-        "reg_tokens": int(reg_tokens),
-        "num_classes": 0,
-        # "token" keeps the final LayerNorm on every token (an "avg" pool would move it to fc_norm and
-        # leave patch features unnormalised); the tokenizer reads patch tokens through that norm.
-        "global_pool": "token",
-        "class_token": True,
-        # Local crops are smaller than img_size: timm then interpolates the position table.
-        "dynamic_img_size": True,
-    }
 
 
 def build_vit(kwargs: dict[str, Any], stem: str = "patch", drop_path_rate: float = 0.0) -> VisionTransformer:
