@@ -278,8 +278,10 @@ class TrainGPT(Section):
     """Stage-1 GPT, trained on DiGIT tokens and, as the baseline, on VQ tokens: the same settings, except the
     keys given in vq_model / vq_train (the paper's VQ-AR baseline is unconditional and pre-LN)."""
 
-    model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768)
-    train: Train = _train(steps=800, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
+    # No dropout on the demo (the presets set the reference's 0.1): 700 steps without it reach the val loss of
+    # 800 steps with 0.1 (2.42 on DiGIT tokens) in 10% less time.
+    model: GPTModel = GPTModel(n_embd=192, n_head=4, ffn_dim=768, dropout=0.0)
+    train: Train = _train(steps=700, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
     vq_model: dict[str, Any] = Field(
         default_factory=dict, description="keys of train_gpt.model that differ for variant vq"
     )
@@ -314,7 +316,9 @@ class RendererModel(ModelSize):
 class TrainRenderer(Section):
     """Stage-2 renderer: true DiGIT tokens of an image → its VQ tokens."""
 
-    model: RendererModel = RendererModel(n_embd=192, n_head=4, ffn_dim=768)
+    # No dropout on the demo: the renderer underfits its 600 steps (dropout 0.1 gave a higher val loss and a
+    # worse upper bound, and cost 15% more time); the presets set the reference's 0.1.
+    model: RendererModel = RendererModel(n_embd=192, n_head=4, ffn_dim=768, dropout=0.0)
     train: Train = _train(steps=600, batch_size=32, lr=2e-3, warmup_steps=30, weight_decay=0.01)
 
 
