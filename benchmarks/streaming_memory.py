@@ -141,7 +141,11 @@ def child(kind: str, root: Path, n: int, in_ram: bool) -> dict:
         from stages import probe
 
         probe.run(
-            params, tokens=str(root / "tokens"), gpt=str(root / "gpt_digit"), out=str(root / "probe.tsv")
+            params,
+            "digit",
+            tokens=str(root / "tokens"),
+            gpt=str(root / "gpt_digit"),
+            live=str(root / "probe_live"),
         )
     elif kind == "probe":
         from pipeline.evaluation import iter_subset
