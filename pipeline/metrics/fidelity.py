@@ -12,8 +12,9 @@ Reference statistics. The real val set is measured once by `reference_stats` int
 (reference.safetensors: mu, sigma and the features KID/PR need; reference.json: extractor, N, image size,
 weights fingerprint). `compute_fidelity(fake, reference=dir)` then extracts only the fake features with
 torch-fidelity's own extraction code and applies torch-fidelity's own metric functions
-(fid_features_to_statistics / fid_statistics_to_metric, isc_features_to_metric, kid_features_to_metric,
-prc_features_to_metric) — the same numbers as `calculate_metrics` on both inputs (tested). We do not use
+(fid_features_to_statistics / fid_statistics_to_metric, isc_features_to_metric, kid_features_to_metric)
+and precision/recall in blocks (pipeline/metrics/prc.py: torch-fidelity's definition in memory that does not
+grow with N) — the same numbers as `calculate_metrics` on both inputs (tested). We do not use
 torch-fidelity's file cache: it pickles to disk, keys on a name rather than the weights, and lives outside DVC.
 
 Images are uint8: arrays [N, H, W, 3] or Datasets whose items are uint8 tensors [3, H, W].
@@ -39,10 +40,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from pipeline.metrics.prc import precision_recall
 from pipeline.models.judge import Judge, judge_fingerprint, load_judge, to_judge_input
 
 JUDGE_EXTRACTOR = "digit-judge"  # the name registered in torch-fidelity
@@ -400,5 +401,5 @@ def compute_fidelity(
     real_kid = torch.from_numpy(ref[f"features.{layers['kid']}"])
     out.update(kid_features_to_metric(fake_feats[layers["kid"]], real_kid, **kw))
     real_prc = torch.from_numpy(ref[f"features.{layers['prc']}"])
-    out.update(prc_features_to_metric(fake_feats[layers["prc"]], real_prc, **kw))
+    out.update(precision_recall(fake_feats[layers["prc"]], real_prc, prc_neighborhood))
     return {ours: float(out[theirs]) for theirs, ours in _KEY_MAP.items()}
