@@ -34,14 +34,15 @@ import torch
 import torch_fidelity
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save_file as save_numpy_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import create_feature_extractor
+from tqdm import tqdm
 
 from pipeline.metrics.prc import precision_recall
 from pipeline.models.judge import Judge, judge_fingerprint, load_judge, to_judge_input
@@ -239,10 +240,29 @@ def _resolve_cuda(device: str | None) -> bool:
 
 
 def _extract(ds: Dataset, fe_name: str, layers: list[str], kw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """torch-fidelity's get_featuresdict_from_dataset (the same extractor calls, batches and outputs), writing
+    into features preallocated for the whole set. Its per-batch list of small long-lived tensors, interleaved
+    with the extractor's freed temporaries, pinned glibc's heap: peak RSS at 20000 images varied from 0.8 to
+    1.27 GB between identical runs (0.76 GB, stable, with a fixed mmap threshold)."""
     feat_extractor = create_feature_extractor(fe_name, layers, **kw)
-    return get_featuresdict_from_dataset(
-        ds, feat_extractor, kw["batch_size"], kw["cuda"], kw["save_cpu_ram"], kw["verbose"]
-    )
+    loader = DataLoader(ds, batch_size=min(kw["batch_size"], len(ds)), num_workers=0, pin_memory=kw["cuda"])
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    with (
+        torch.no_grad(),
+        tqdm(disable=not kw["verbose"], leave=False, unit="img", total=len(ds), desc="features") as bar,
+    ):
+        for batch in loader:
+            if kw["cuda"]:
+                batch = batch.cuda(non_blocking=True)
+            feats = feat_extractor.convert_features_tuple_to_dict(feat_extractor(batch))
+            for name, f in feats.items():
+                if name not in out:
+                    out[name] = torch.empty((len(ds), *f.shape[1:]), dtype=f.dtype)
+                out[name][start : start + len(f)] = f.cpu()
+            start += len(batch)
+            bar.update(len(batch))
+    return out
 
 
 def reference_stats(
