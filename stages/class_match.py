@@ -15,8 +15,7 @@ from pipeline.evaluation import require
 from pipeline.models.judge import evaluate_accuracy, judge_is_trained, load_judge
 from pipeline.stage import MapJobs, stage_main
 from pipeline.train import resolve_device
-from stages.fidelity import sample_images
-from stages.sample import NO_CLASS
+from stages.sample import NO_CLASS, sample_images
 from stages.train_gpt import check_variant, fill_variant
 
 log = logging.getLogger("digit.class_match")

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import GPTSampler, Params, RendererSampler
+from pipeline.config import Params
 from pipeline.evaluation import require
-from pipeline.io import read_json
 from pipeline.metrics.fidelity import compute_fidelity
-from pipeline.shards import ShardImages, list_shards
+from pipeline.shards import ShardImages
 from pipeline.stage import MapJobs, stage_main
 from stages.reference import fidelity_device
-from stages.sample import RUN_META, knob_metrics
+from stages.sample import sample_images
 from stages.train_gpt import check_variant, fill_variant
 
 log = logging.getLogger("digit.fidelity")
@@ -64,23 +62,6 @@ def fidelity_metrics(prefix: str, images: ShardImages, params: Params, judge: st
         f"{prefix}_recall": r["recall"],
         f"{prefix}_n": len(images),
     }
-
-
-def sample_images(samples_dir: str, variant: str) -> tuple[ShardImages, dict[str, Any]]:
-    """A variant's generated images (streamed from their shards; labels = the class each was drawn for,
-    -1 when unconditional) and the flat knobs they were drawn with, read from the samples' own meta.json
-    (what was used, not what params say now)."""
-    directory = require(samples_dir, f"{variant} samples", f"sample --variant {variant}")
-    images = ShardImages(list_shards(directory, "samples"))
-    settings = read_json(Path(directory) / RUN_META)
-    knobs: dict[str, Any] = {
-        f"{variant}_sample_seed": settings["seed"],
-        f"{variant}_sample_batch_invariant": int(settings["batch_invariant"]),
-        **knob_metrics(f"{variant}_gpt", GPTSampler.model_validate(settings["gpt"])),
-    }
-    if "renderer" in settings:
-        knobs |= knob_metrics(f"{variant}_renderer", RendererSampler.model_validate(settings["renderer"]))
-    return images, knobs
 
 
 def run(

@@ -39,7 +39,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.checkpoint import checkpoint_sha256
-from pipeline.config import Params, Sample, Sampler, with_overrides
+from pipeline.config import GPTSampler, Params, RendererSampler, Sample, Sampler, with_overrides
+from pipeline.evaluation import require
 from pipeline.io import promote, read_json, write_json
 from pipeline.models.gpt import GPT, load_gpt, rowwise
 from pipeline.models.nar_renderer import NARRenderer
@@ -47,7 +48,7 @@ from pipeline.models.renderer import Renderer, load_renderer
 from pipeline.pixel_vq import load_pixel_vq, to_uint8
 from pipeline.ranks import barrier, gather, my_block, process_group
 from pipeline.sampling import sample_generators
-from pipeline.shards import iter_samples, list_shards, shard_name, write_shard
+from pipeline.shards import ShardImages, iter_samples, list_shards, shard_name, write_shard
 from pipeline.stage import MapJobs, stage_main
 from pipeline.stream import read_token_meta
 from pipeline.train import resolve_device
@@ -423,6 +424,23 @@ def run(
         summary["images_per_s"],
     )
     return summary
+
+
+def sample_images(samples_dir: str, variant: str) -> tuple[ShardImages, dict[str, Any]]:
+    """A variant's generated images (streamed from their shards; labels = the class each was drawn for,
+    -1 when unconditional) and the flat knobs they were drawn with, read from the samples' own meta.json
+    (what was used, not what params say now)."""
+    directory = require(samples_dir, f"{variant} samples", f"sample --variant {variant}")
+    images = ShardImages(list_shards(directory, "samples"))
+    settings = read_json(Path(directory) / RUN_META)
+    knobs: dict[str, Any] = {
+        f"{variant}_sample_seed": settings["seed"],
+        f"{variant}_sample_batch_invariant": int(settings["batch_invariant"]),
+        **knob_metrics(f"{variant}_gpt", GPTSampler.model_validate(settings["gpt"])),
+    }
+    if "renderer" in settings:
+        knobs |= knob_metrics(f"{variant}_renderer", RendererSampler.model_validate(settings["renderer"]))
+    return images, knobs
 
 
 def main(argv: list[str] | None = None) -> int:
