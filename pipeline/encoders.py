@@ -4,7 +4,8 @@ Sources (chosen in params):
   timm    a timm model name with its pretrained weights from the model hub (the real users' path)
   file    local weights (.pth / .safetensors) for a timm architecture, in timm layout or Meta's DINOv2
           layout; timm's vision_transformer.checkpoint_filter_fn renames Meta keys, folds the CLS position
-          into cls_token and resamples pos_embed to the requested img_size
+          into cls_token and resamples pos_embed to the requested img_size. Or a directory holding an
+          encoder checkpoint of this pipeline (as `ssl` below; the project's published encoder is one)
   ssl     a ViT pretrained inside this pipeline: a checkpoint directory (model.safetensors + config.json,
           meta kind "ssl_vit") rebuilt as timm VisionTransformer(**timm_kwargs)
   random  random init, for unit tests only; it warns, and says so in describe()
@@ -222,12 +223,25 @@ def _build_timm_hub(name: str, img_size: int | None, model_kwargs: dict[str, Any
         ) from e
 
 
+def is_encoder_dir(weights: str | Path | None) -> bool:
+    """Whether `weights` is a directory with an encoder checkpoint of this pipeline (pipeline/ssl/vit.py)."""
+    return bool(weights) and (Path(str(weights)) / CONFIG_FILE).is_file()
+
+
 def _build_from_file(
     name: str, weights: str | Path | None, img_size: int | None, model_kwargs: dict[str, Any]
 ) -> torch.nn.Module:
     if not weights:
-        raise EncoderError("encoder source 'file' needs `weights`: a path to a .pth or .safetensors file")
+        raise EncoderError(
+            "encoder source 'file' needs `weights`: a path to a .pth or .safetensors file, or an encoder "
+            "directory (config.json + model.safetensors) written by pretrain_encoder"
+        )
     path = Path(weights)
+    if path.is_dir():
+        raise EncoderError(
+            f"encoder weights: {path} is a directory without {CONFIG_FILE}; expected a .pth / .safetensors "
+            "file or an encoder directory written by pretrain_encoder"
+        )
     if not path.is_file():
         raise EncoderError(f"encoder weights: {path} does not exist or is not a file")
     if path.suffix not in WEIGHT_SUFFIXES:
@@ -326,7 +340,8 @@ def build_encoder(
 
     name: timm architecture (timm/file/random), e.g. "vit_base_patch14_reg4_dinov2.lvd142m"; for "ssl"
           optional (defaults to "ssl_vit").
-    weights: file (source file) or checkpoint directory (source ssl); unused otherwise.
+    weights: file (source file) or checkpoint directory (source ssl; source file also takes one: a
+          published encoder); unused otherwise.
     img_size: input resolution (multiple of the patch size); None = the model's own (518 for DINOv2 —
           the paper uses 224).
     mean/std: override the normalisation; default = the weights' own (pretrained cfg or ssl meta).
@@ -336,10 +351,11 @@ def build_encoder(
     if source not in SOURCES:
         raise EncoderError(f"encoder source: {source!r} is not one of {', '.join(SOURCES)}")
     model_kwargs = dict(model_kwargs or {})
-    if source == "ssl":
+    if source == "ssl" or source == "file" and is_encoder_dir(weights):
         if model_kwargs:
             raise EncoderError(
-                "encoder source 'ssl': model_kwargs are not used (the architecture is in config.json)"
+                f"encoder source '{source}' with an encoder directory: model_kwargs are not used (the "
+                "architecture is in its config.json)"
             )
         model, meta = _build_ssl(weights, img_size)
         default_mean, default_std = tuple(meta["mean"]), tuple(meta["std"])
