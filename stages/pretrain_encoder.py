@@ -13,7 +13,9 @@ same ViT at its random init (the weights training starts from) side by side:
   change_rate_<snr>_*   the DiGIT token change rate at every SNR of evaluate.stability.snrs_db (the evaluate
                         stage's protocol and val subset), with that codebook.
 With encoder.source timm, file or random the tokenizer does not read this stage's encoder: nothing is
-trained, and models/encoder holds only a config.json marker saying so.
+trained, and models/encoder holds only a config.json marker saying so. With source file and an encoder
+directory (the project's published encoder, published/encoder) the stage still reports the checks above, of
+that encoder against the random init of the recipe it was trained with (its config.json), in ~10 s.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from pipeline.assign import assign
 from pipeline.config import Params
+from pipeline.encoders import is_encoder_dir
 from pipeline.evaluation import load_images
 from pipeline.io import atomic_dir, write_json
 from pipeline.kmeans import fit_kmeans, sample_rows
@@ -149,6 +152,63 @@ def write_unused_marker(params: Params, out: str) -> dict[str, Any]:
     return {"trained": 0, "steps": 0, "train_seconds": 0.0}
 
 
+def compare_with_random_init(
+    ssl_vit: torch.nn.Module, random_vit: torch.nn.Module, cfg: SSLConfig, params: Params, images: str
+) -> dict[str, Any]:
+    """The stage's checks (module docstring) of the pretrained encoder and of its random init, side by side."""
+    # seeded subsets, not the first N: ImageFolder shards are written in class order
+    train = load_images(images, "train", PROBE_TRAIN, cfg.seed)
+    val = load_images(images, "val", PROBE_VAL, cfg.seed)
+    st = params.evaluate.stability
+    stability_images, _ = load_images(images, "val", st.images, st.seed)
+    reports = {
+        name: encoder_report(vit, cfg, train, val, stability_images, params)
+        for name, vit in (("ssl", ssl_vit), ("random", random_vit))
+    }
+    metrics_out: dict[str, Any] = {"knn_layer": params.encoder.layer, "kmeans_k": params.kmeans.k}
+    for key in reports["ssl"]:
+        name = {"knn": "knn_top1", "tokens_linear": "tokens_linear_top1", "tokens_knn": "tokens_knn_top1"}
+        base = name.get(key, key)
+        metrics_out[f"{base}_ssl"] = reports["ssl"][key]
+        metrics_out[f"{base}_random"] = reports["random"][key]
+    for key in ("knn", "tokens_linear", "tokens_knn"):
+        metrics_out[f"{key}_gain_points"] = 100 * (reports["ssl"][key] - reports["random"][key])
+    changes = [k for k in reports["ssl"] if k.startswith("change_rate_")]
+    metrics_out["stability_wins"] = sum(reports["ssl"][k] < reports["random"][k] for k in changes)
+    metrics_out["stability_snrs"] = len(changes)
+    log.info(
+        "layer %d, SSL vs random init: k-NN %.3f vs %.3f; bag-of-tokens linear %.3f vs %.3f, k-NN %.3f vs "
+        "%.3f; change rate lower at %d of %d SNRs (%s)",
+        params.encoder.layer,
+        reports["ssl"]["knn"],
+        reports["random"]["knn"],
+        reports["ssl"]["tokens_linear"],
+        reports["random"]["tokens_linear"],
+        reports["ssl"]["tokens_knn"],
+        reports["random"]["tokens_knn"],
+        metrics_out["stability_wins"],
+        len(changes),
+        ", ".join(f"{k[12:]} {reports['ssl'][k]:.3f}/{reports['random'][k]:.3f}" for k in changes),
+    )
+    return metrics_out
+
+
+def check_published(params: Params, images: str) -> dict[str, Any]:
+    """encoder.source file with an encoder directory (the published encoder): nothing to train, but the same
+    checks as a trained one, against the random init its recipe (config.json ssl_config) started from."""
+    weights = str(params.encoder.weights)
+    vit, meta = load_encoder(weights)
+    if "ssl_config" not in meta:
+        raise ValueError(f"{Path(weights) / 'config.json'}: no 'ssl_config' (the recipe it was trained with)")
+    cfg = SSLConfig.from_dict(meta["ssl_config"], source=f"{weights}/config.json ssl_config")
+    log.info(
+        "pretrain_encoder: checking the encoder in %s (%d steps of %s)", weights, meta["steps"], cfg.objective
+    )
+    random_vit = build_ssl_model(cfg).export_backbone
+    checks = compare_with_random_init(vit, random_vit, cfg, params, images)
+    return {"steps": int(meta["steps"]), "published": 1} | checks
+
+
 def run(
     params: Params,
     images: str = PATHS["images"],
@@ -158,7 +218,10 @@ def run(
     map_jobs: MapJobs | None = None,
 ) -> dict[str, Any]:
     if params.encoder.source != "ssl":
-        return write_unused_marker(params, out)
+        marker = write_unused_marker(params, out)
+        if params.encoder.source == "file" and is_encoder_dir(params.encoder.weights):
+            return marker | check_published(params, images)
+        return marker
     cfg = ssl_config(params)
     batches, source = training_batches(params, cfg, images)
     log.info(
@@ -186,50 +249,14 @@ def run(
     )
     shutil.rmtree(partial, ignore_errors=True)
 
-    # seeded subsets, not the first N: ImageFolder shards are written in class order
-    train = load_images(images, "train", PROBE_TRAIN, cfg.seed)
-    val = load_images(images, "val", PROBE_VAL, cfg.seed)
-    st = params.evaluate.stability
-    stability_images, _ = load_images(images, "val", st.images, st.seed)
     ssl_vit, _ = load_encoder(out)
-    reports = {
-        name: encoder_report(vit, cfg, train, val, stability_images, params)
-        for name, vit in (("ssl", ssl_vit), ("random", random_vit))
-    }
-    metrics_out: dict[str, Any] = {
+    return {
         "trained": 1,
         "steps": summary["steps"],
         "final_loss": summary["final_loss"],
         "train_seconds": summary["seconds"],
         "images_per_s": summary["images_per_s"],
-        "knn_layer": params.encoder.layer,
-        "kmeans_k": params.kmeans.k,
-    }
-    for key in reports["ssl"]:
-        name = {"knn": "knn_top1", "tokens_linear": "tokens_linear_top1", "tokens_knn": "tokens_knn_top1"}
-        base = name.get(key, key)
-        metrics_out[f"{base}_ssl"] = reports["ssl"][key]
-        metrics_out[f"{base}_random"] = reports["random"][key]
-    for key in ("knn", "tokens_linear", "tokens_knn"):
-        metrics_out[f"{key}_gain_points"] = 100 * (reports["ssl"][key] - reports["random"][key])
-    changes = [k for k in reports["ssl"] if k.startswith("change_rate_")]
-    metrics_out["stability_wins"] = sum(reports["ssl"][k] < reports["random"][k] for k in changes)
-    metrics_out["stability_snrs"] = len(changes)
-    log.info(
-        "layer %d, SSL vs random init: k-NN %.3f vs %.3f; bag-of-tokens linear %.3f vs %.3f, k-NN %.3f vs "
-        "%.3f; change rate lower at %d of %d SNRs (%s)",
-        params.encoder.layer,
-        reports["ssl"]["knn"],
-        reports["random"]["knn"],
-        reports["ssl"]["tokens_linear"],
-        reports["random"]["tokens_linear"],
-        reports["ssl"]["tokens_knn"],
-        reports["random"]["tokens_knn"],
-        metrics_out["stability_wins"],
-        len(changes),
-        ", ".join(f"{k[12:]} {reports['ssl'][k]:.3f}/{reports['random'][k]:.3f}" for k in changes),
-    )
-    return metrics_out
+    } | compare_with_random_init(ssl_vit, random_vit, cfg, params, images)
 
 
 def main(argv: list[str] | None = None) -> int:
