@@ -57,11 +57,17 @@ class Prepare(Section):
 class Encoder(Section):
     """The tokenizer's feature encoder (shared by extract, tokenize and the stability metric)."""
 
-    source: Literal["ssl", "timm", "file", "random"] = "ssl"
+    # The default is the project's published encoder (published/MODEL_CARD.md): pretrain_encoder's recipe,
+    # trained longer than the demo's budget; source ssl trains one in the DAG instead.
+    source: Literal["ssl", "timm", "file", "random"] = "file"
     name: str | None = Field(
-        None, description="timm architecture for timm/file/random (ssl: from its config)"
+        None,
+        description="timm architecture for timm/file/random (ssl, or file with a directory: from its config)",
     )
-    weights: str | None = Field("models/encoder", description="ssl: checkpoint dir; file: .pth/.safetensors")
+    weights: str | None = Field(
+        "published/encoder",
+        description="ssl: checkpoint dir (models/encoder); file: .pth/.safetensors, or an encoder checkpoint dir",
+    )
     layer: int = Field(
         -3, description="block whose output (through the final norm) is used; -3 = third from last"
     )
@@ -74,7 +80,8 @@ class Encoder(Section):
     def _needs(self) -> Encoder:
         if self.source in ("ssl", "file") and not self.weights:
             raise ValueError(f"source '{self.source}' needs encoder.weights (a path)")
-        if self.source in ("timm", "file", "random") and not self.name:
+        weights_file = Path(self.weights or "").suffix in (".safetensors", ".pth", ".pt", ".bin")
+        if not self.name and (self.source in ("timm", "random") or self.source == "file" and weights_file):
             raise ValueError(f"source '{self.source}' needs encoder.name (a timm architecture)")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"encoder.std must be positive, got {self.std}")

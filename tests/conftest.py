@@ -43,6 +43,7 @@ TINY_TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 1, "log_every": 1}
 def chain_params(encoder_dir: Path, model: dict, n_samples: int, **overrides) -> Params:
     """tiny_params for the whole chain; `model` is the GPT's and the renderer's size."""
     tiny = dict(
+        encoder__source="ssl",
         encoder__weights=str(encoder_dir),
         kmeans__k=8,
         kmeans__sample_patches=320,

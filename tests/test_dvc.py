@@ -65,7 +65,7 @@ def _merge(params, updates):
 def make_project(root: Path, updates: dict) -> Path:
     """A git + DVC repo holding the pipeline's code, dvc.yaml, .gitignore and params.yaml with `updates`."""
     root.mkdir()
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "published"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root)

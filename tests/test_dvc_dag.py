@@ -54,7 +54,7 @@ def tiny(params: dict) -> dict:
 def project(tmp_path_factory):
     proj = tmp_path_factory.mktemp("dag") / "proj"
     proj.mkdir()
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "published"):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", proj)
     params = tiny(yaml.safe_load((REPO / "params.yaml").read_text()))

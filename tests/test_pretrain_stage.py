@@ -40,7 +40,9 @@ TINY_SSL = {
 def pretrained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ssl")
-    params = tiny_params(pretrain_encoder=TINY_SSL, kmeans__k=16, evaluate__stability__images=8)
+    params = tiny_params(
+        pretrain_encoder=TINY_SSL, encoder__source="ssl", kmeans__k=16, evaluate__stability__images=8
+    )
     prepare.run(params, out=str(root / "images"))
     metrics = pretrain_encoder.run(
         params, images=str(root / "images"), out=str(root / "encoder"), curves=str(root / "curves")
@@ -116,10 +118,50 @@ def test_source_timm_trains_nothing(tmp_path, monkeypatch):
         build_encoder("ssl", weights=out)
 
 
+def test_published_encoder_is_checked_not_trained(pretrained, tmp_path, monkeypatch):
+    # encoder.source file with an encoder directory (the published encoder): no training, the same checks,
+    # against the random init of the recipe in its config.json — not of params' pretrain_encoder section.
+    root, _, trained = pretrained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrain_encoder trained with a published encoder")
+
+    monkeypatch.setattr(pretrain_encoder, "pretrain_encoder", no_training)
+    params = tiny_params(
+        encoder__source="file",
+        encoder__weights=str(root / "encoder"),
+        kmeans__k=16,
+        evaluate__stability__images=8,
+    )
+    out = tmp_path / "encoder"
+    metrics = pretrain_encoder.run(params, images=str(root / "images"), out=str(out), curves=None)
+    assert metrics["trained"] == 0 and metrics["published"] == 1 and metrics["steps"] == 4
+    checks = [
+        k for k in trained if k.endswith(("_ssl", "_random", "_gain_points")) or k.startswith("stability_")
+    ]
+    assert len(checks) > 20 and {k: metrics[k] for k in checks} == {k: trained[k] for k in checks}
+    assert json.loads((out / "config.json").read_text())["kind"] == "unused"
+
+
+def test_file_source_takes_an_encoder_directory(pretrained):
+    from pipeline.config import ParamsError
+
+    root, _, _ = pretrained
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    a = build_encoder("ssl", weights=root / "encoder", layer=-3)
+    b = build_encoder("file", weights=root / "encoder", layer=-3)
+    assert torch.equal(a.patch_features(x), b.patch_features(x))
+    assert b.describe()["weights_sha256"] == a.describe()["weights_sha256"] and b.source == "file"
+    tiny_params(encoder__source="file", encoder__weights=str(root / "encoder"))  # no name needed
+    with pytest.raises(ParamsError, match="needs encoder.name"):
+        tiny_params(encoder__source="file", encoder__weights="weights/vit.safetensors")
+
+
 def test_stage_reads_encoder_source_in_dvc_yaml():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain_encoder"]
     for key in (
         "encoder.source",
+        "encoder.weights",
         "encoder.layer",
         "pretrain_encoder",
         "kmeans.k",
@@ -131,7 +173,9 @@ def test_stage_reads_encoder_source_in_dvc_yaml():
 def test_fresh_images_come_from_the_generator_only_for_builtin_data(tmp_path):
     from pipeline.synthetic import generate_images
 
-    params = tiny_params(pretrain_encoder={**TINY_SSL, "fresh_images": True}, base__seed=3)
+    params = tiny_params(
+        pretrain_encoder={**TINY_SSL, "fresh_images": True}, base__seed=3, encoder__source="ssl"
+    )
     cfg = pretrain_encoder.ssl_config(params)
     batches, source = pretrain_encoder.training_batches(params, cfg, str(tmp_path / "unused"))
     assert source.startswith("fresh built-in train images")
@@ -146,3 +190,51 @@ def test_fresh_images_come_from_the_generator_only_for_builtin_data(tmp_path):
     prepare.run(tiny_params(), out=str(tmp_path / "images"))
     _, source = pretrain_encoder.training_batches(folder, cfg, str(tmp_path / "images"))
     assert source == "24 train images (1.3 epochs)"
+
+
+def _publish_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("publish_encoder", REPO / "scripts" / "publish_encoder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_publish_copies_the_encoder_and_writes_its_card(pretrained, tmp_path):
+    root, _, metrics = pretrained
+    publish = _publish_script()
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    out = tmp_path / "published"
+    args = ["--encoder", str(root / "encoder"), "--metrics", str(tmp_path / "m.json")]
+    args += ["--params", str(REPO / "params.yaml"), "--out", str(out)]
+    assert publish.main(args) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    assert weights == (root / "encoder/model.safetensors").read_bytes()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert publish.sha256(out / "model.safetensors") in card and "4 steps of vicreg" in card
+    assert f"| {metrics['knn_top1_ssl']:.3f} | {metrics['knn_top1_random']:.3f}" in card
+    assert publish.main(["--encoder", str(root / "encoder"), "--out", str(out), "--check"]) == 0
+    # the metrics of another run are refused, and the published copy stays as it was
+    (tmp_path / "other.json").write_text(json.dumps(metrics | {"steps": 5}))
+    with pytest.raises(SystemExit, match="not the metrics of this training run"):
+        publish.main([*args[:2], "--metrics", str(tmp_path / "other.json"), "--out", str(out)])
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_the_published_encoder_is_the_default_and_matches_its_card():
+    from pipeline.config import load_params
+    from pipeline.ssl.config import SSLConfig
+
+    publish = _publish_script()
+    pub = REPO / "published" / "encoder"
+    card = (pub / "MODEL_CARD.md").read_text()
+    for name in ("model.safetensors", "config.json"):
+        assert publish.sha256(pub / name) in card, name
+    params = load_params(REPO / "params.yaml")
+    assert (params.encoder.source, params.encoder.weights) == ("file", "published/encoder")
+    # params.yaml's pretrain_encoder section is the recipe that reproduces it (encoder.source: ssl)
+    recipe = json.loads((pub / "config.json").read_text())["ssl_config"]
+    assert SSLConfig.from_dict(recipe) == pretrain_encoder.ssl_config(params)
+    enc = build_encoder("file", weights=pub, layer=params.encoder.layer)
+    assert enc.grid == (8, 8) and enc.describe()["random_weights"] is False
