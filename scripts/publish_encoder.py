@@ -1,5 +1,6 @@
 """Publish an encoder trained by `pretrain_encoder` as the project's default encoder: copy its checkpoint into
-published/encoder/ (model.safetensors + config.json, a few hundred kB) and write MODEL_CARD.md beside it —
+published/encoder/ (model.safetensors + config.json, a few hundred kB; its training curves under curves/) and
+write MODEL_CARD.md beside it —
 recipe, data, the stage's own checks (SSL vs random init), sha256 — so the default pipeline loads it through
 `encoder.source: file` without pretraining.
 
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--metrics", default="metrics/pretrain_encoder.json", help="the run's pretrain_encoder metrics"
     )
+    ap.add_argument(
+        "--curves", default="reports/curves/pretrain_encoder", help="the run's training curves (dvclive dir)"
+    )
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="published/encoder")
     ap.add_argument("--check", action="store_true", help="compare --encoder with --out; write nothing")
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in (MODEL_FILE, CONFIG_FILE):
             shutil.copy2(encoder / name, tmp / name)
         (tmp / CARD).write_text(model_card(config, m, params, encoder))
+        if (Path(args.curves) / "metrics.json").is_file():  # pretrain_encoder shows them as its own curves
+            shutil.copytree(args.curves, tmp / "curves")
     print(f"published {encoder} -> {out} (model.safetensors sha256 {digest})")
     return 0
 

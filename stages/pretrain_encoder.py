@@ -152,6 +152,18 @@ def write_unused_marker(params: Params, out: str) -> dict[str, Any]:
     return {"trained": 0, "steps": 0, "train_seconds": 0.0}
 
 
+def write_untrained_curves(curves: str, published_curves: Path | None) -> None:
+    """The stage's dvclive outputs when it trains nothing: the published encoder's own training curves where
+    they were published with it, else a curve with no steps (dvc.yaml declares the outputs either way)."""
+    with atomic_dir(curves) as tmp:
+        if published_curves is not None and (published_curves / "metrics.json").is_file():
+            shutil.copytree(published_curves, tmp, dirs_exist_ok=True)
+            return
+        (tmp / "plots" / "metrics").mkdir(parents=True)
+        (tmp / "plots" / "metrics" / "loss.tsv").write_text("step\tloss\n")
+        write_json(tmp / "metrics.json", {})
+
+
 def compare_with_random_init(
     ssl_vit: torch.nn.Module, random_vit: torch.nn.Module, cfg: SSLConfig, params: Params, images: str
 ) -> dict[str, Any]:
@@ -219,7 +231,12 @@ def run(
 ) -> dict[str, Any]:
     if params.encoder.source != "ssl":
         marker = write_unused_marker(params, out)
-        if params.encoder.source == "file" and is_encoder_dir(params.encoder.weights):
+        published = params.encoder.source == "file" and is_encoder_dir(params.encoder.weights)
+        if curves:
+            write_untrained_curves(
+                curves, Path(str(params.encoder.weights)) / "curves" if published else None
+            )
+        if published:
             return marker | check_published(params, images)
         return marker
     cfg = ssl_config(params)

@@ -134,8 +134,12 @@ def test_published_encoder_is_checked_not_trained(pretrained, tmp_path, monkeypa
         evaluate__stability__images=8,
     )
     out = tmp_path / "encoder"
-    metrics = pretrain_encoder.run(params, images=str(root / "images"), out=str(out), curves=None)
+    curves = tmp_path / "curves"
+    metrics = pretrain_encoder.run(params, images=str(root / "images"), out=str(out), curves=str(curves))
     assert metrics["trained"] == 0 and metrics["published"] == 1 and metrics["steps"] == 4
+    # dvc.yaml's curve outputs exist: no steps here (this encoder was published without its curves)
+    assert (curves / "plots/metrics/loss.tsv").read_text() == "step\tloss\n"
+    assert json.loads((curves / "metrics.json").read_text()) == {}
     checks = [
         k for k in trained if k.endswith(("_ssl", "_random", "_gain_points")) or k.startswith("stability_")
     ]
@@ -207,8 +211,15 @@ def test_publish_copies_the_encoder_and_writes_its_card(pretrained, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(metrics))
     out = tmp_path / "published"
     args = ["--encoder", str(root / "encoder"), "--metrics", str(tmp_path / "m.json")]
-    args += ["--params", str(REPO / "params.yaml"), "--out", str(out)]
+    args += ["--params", str(REPO / "params.yaml"), "--out", str(out), "--curves", str(root / "curves")]
     assert publish.main(args) == 0
+    # its training curves go with it, and pretrain_encoder shows them when it checks the published encoder
+    assert (out / "curves/plots/metrics/loss.tsv").read_text() == (
+        root / "curves/plots/metrics/loss.tsv"
+    ).read_text()
+    shown = tmp_path / "shown"
+    pretrain_encoder.write_untrained_curves(str(shown), out / "curves")
+    assert (shown / "plots/metrics/loss.tsv").read_text().count("\n") == 5  # header + 4 steps
     weights = (out / "model.safetensors").read_bytes()
     assert weights == (root / "encoder/model.safetensors").read_bytes()
     card = (out / "MODEL_CARD.md").read_text()
