@@ -55,6 +55,7 @@ def _stage(name, world, params_path, cwd, **paths):
 def test_two_ranks_write_the_bytes_of_one_process(one_thread, encoder_dir, tmp_path):
     # 12 sampled images in chunks of 5 and 5 image shards: both split unevenly over 2 ranks.
     params = tiny_params(
+        encoder__source="ssl",
         encoder__weights=str(encoder_dir),
         extract__sample=0.5,
         extract__chunk_images=5,
@@ -133,6 +134,7 @@ def test_shard_jobs_run_in_other_processes(one_thread, encoder_dir, tmp_path, mo
     """The map_jobs contract of pipeline/stage.py: job functions and jobs pickle, models load per process,
     and DataLoader workers are not started inside a daemonic worker (Dask's are daemonic)."""
     params = tiny_params(
+        encoder__source="ssl",
         encoder__weights=str(encoder_dir),
         extract__sample=0.5,
         extract__chunk_images=5,

@@ -40,6 +40,7 @@ def _params(encoder_dir, **kw):
         train_vq__train={"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
     )
     tiny = dict(
+        encoder__source="ssl",
         encoder__weights=str(encoder_dir),
         kmeans__k=8,
         kmeans__sample_patches=150,
