@@ -229,7 +229,7 @@ def show_features(path: Path, reports: Path, n: int = 8) -> str:
     images = _images_by_key(_sibling_images(path), split, keys)
     size = max(64, (images[keys[0]].shape[0] if images else 64))
     rows = [[_upscale(r, size) for r in rgb]]
-    labels = ["PCA→RGB"]
+    labels = ["PCA to RGB"]
     if images and "rows" in store[split]:
         rows.insert(0, _kmeans_views(attrs, images, keys, store[f"{split}/rows"][:n].tolist()))
         labels.insert(0, "K-Means view")
@@ -467,7 +467,7 @@ def _encoder_picture(path: Path, reports: Path, n: int = 8) -> str:
     size = images[0].shape[0]
     grid = image_grid(
         [images, [_upscale(r, size) for r in rgb]],
-        ["image", "PCA→RGB"],
+        ["image", "PCA to RGB"],
         title=f"patch features, block {enc.block_index}",
     )
     return f"picture: {save_png(grid, reports / f'{_slug(path)}_pca.png')}"
