@@ -443,7 +443,7 @@ class UpperBound(Section):
     """FID/IS of (a) true val DiGIT tokens -> renderer -> VQ decoder and (b) plain VQ reconstructions."""
 
     images: int = Field(
-        100, ge=4, description="seeded subset of val images; FID grows as N shrinks: compare upper_real_fid"
+        500, ge=4, description="seeded subset of val images; FID grows as N shrinks: compare upper_real_fid"
     )
     batch_size: int = Field(50, ge=1)
     seed: int = Field(0, ge=0, description="the subset, and the renderer draws of image i via (seed, i)")
