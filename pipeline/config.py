@@ -54,6 +54,9 @@ class Prepare(Section):
         return self
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # encoder.weights files (source file)
+
+
 class Encoder(Section):
     """The tokenizer's feature encoder (shared by extract, tokenize and the stability metric)."""
 
@@ -80,7 +83,7 @@ class Encoder(Section):
     def _needs(self) -> Encoder:
         if self.source in ("ssl", "file") and not self.weights:
             raise ValueError(f"source '{self.source}' needs encoder.weights (a path)")
-        weights_file = Path(self.weights or "").suffix in (".safetensors", ".pth", ".pt", ".bin")
+        weights_file = Path(self.weights or "").suffix in WEIGHT_SUFFIXES
         if not self.name and (self.source in ("timm", "random") or self.source == "file" and weights_file):
             raise ValueError(f"source '{self.source}' needs encoder.name (a timm architecture)")
         if self.std is not None and min(self.std) <= 0:

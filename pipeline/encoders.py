@@ -32,6 +32,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, checkpoint_sha256, load_checkpoint
+from pipeline.config import WEIGHT_SUFFIXES
 from pipeline.io import read_json, sha256_file
 from pipeline.ssl.vit import build_vit
 
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 SOURCES = ("timm", "file", "ssl", "random")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 DEFAULT_LAYER = -3
 
 

@@ -15,7 +15,6 @@ The write is atomic: a failed publish leaves the previous one in place.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import shutil
 import sys
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline.checkpoint import CONFIG_FILE, MODEL_FILE  # noqa: E402
-from pipeline.io import atomic_dir, read_json  # noqa: E402
+from pipeline.io import atomic_dir, read_json, sha256_file  # noqa: E402
 
 CARD = "MODEL_CARD.md"
 RECIPE_KEYS = (
@@ -38,14 +37,6 @@ RECIPE_KEYS = (
     "warmup_steps", "weight_decay", "global_crop_scale", "brightness", "contrast", "saturation", "hue",
     "grayscale_p", "jitter_p", "blur_sigma", "fresh_images", "seed",
 )  # fmt: skip
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cpu_name() -> str:
@@ -75,7 +66,9 @@ def check_trained(encoder: Path, metrics: Path) -> tuple[dict[str, Any], dict[st
     return config, m
 
 
-def model_card(config: dict[str, Any], m: dict[str, Any], params: dict[str, Any], encoder: Path) -> str:
+def model_card(
+    config: dict[str, Any], m: dict[str, Any], params: dict[str, Any], digests: dict[str, str]
+) -> str:
     recipe = config["ssl_config"]
     rows = "\n".join(f"| `{k}` | `{recipe[k]}` |" for k in RECIPE_KEYS if k in recipe)
     snrs = sorted(
@@ -122,8 +115,8 @@ Token change rate under Gaussian noise (lower is stabler; {m["stability_wins"]} 
 Training took {m["train_seconds"]:.0f} s on 2 CPU cores ({cpu_name()}, torch {torch.__version__}).
 
 ## sha256
-- `{MODEL_FILE}`: `{sha256(encoder / MODEL_FILE)}`
-- `{CONFIG_FILE}`: `{sha256(encoder / CONFIG_FILE)}`
+- `{MODEL_FILE}`: `{digests[MODEL_FILE]}`
+- `{CONFIG_FILE}`: `{digests[CONFIG_FILE]}`
 
 ## Reproduce
 ```bash
@@ -154,21 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         for f in (encoder / MODEL_FILE, out / MODEL_FILE):
             if not f.is_file():
                 raise SystemExit(f"{f}: missing")
-        a, b = sha256(encoder / MODEL_FILE), sha256(out / MODEL_FILE)
+        a, b = sha256_file(encoder / MODEL_FILE), sha256_file(out / MODEL_FILE)
         print(
             f"{encoder / MODEL_FILE}: {a}\n{out / MODEL_FILE}: {b}\n{'identical' if a == b else 'DIFFERENT'}"
         )
         return 0 if a == b else 1
     config, m = check_trained(encoder, Path(args.metrics))
     params = yaml.safe_load(Path(args.params).read_text())
-    digest = sha256(encoder / MODEL_FILE)
+    digests = {name: sha256_file(encoder / name) for name in (MODEL_FILE, CONFIG_FILE)}
     with atomic_dir(out) as tmp:
         for name in (MODEL_FILE, CONFIG_FILE):
             shutil.copy2(encoder / name, tmp / name)
-        (tmp / CARD).write_text(model_card(config, m, params, encoder))
+        (tmp / CARD).write_text(model_card(config, m, params, digests))
         if (Path(args.curves) / "metrics.json").is_file():  # pretrain_encoder shows them as its own curves
             shutil.copytree(args.curves, tmp / "curves")
-    print(f"published {encoder} -> {out} (model.safetensors sha256 {digest})")
+    print(f"published {encoder} -> {out} (model.safetensors sha256 {digests[MODEL_FILE]})")
     return 0
 
 

@@ -8,6 +8,7 @@ import yaml
 
 from pipeline.encoders import build_encoder
 from pipeline.inspect import inspect_artifact
+from pipeline.io import sha256_file
 from pipeline.live import read_curves
 from stages import prepare, pretrain_encoder
 
@@ -223,7 +224,7 @@ def test_publish_copies_the_encoder_and_writes_its_card(pretrained, tmp_path):
     weights = (out / "model.safetensors").read_bytes()
     assert weights == (root / "encoder/model.safetensors").read_bytes()
     card = (out / "MODEL_CARD.md").read_text()
-    assert publish.sha256(out / "model.safetensors") in card and "4 steps of vicreg" in card
+    assert sha256_file(out / "model.safetensors") in card and "4 steps of vicreg" in card
     assert f"| {metrics['knn_top1_ssl']:.3f} | {metrics['knn_top1_random']:.3f}" in card
     assert publish.main(["--encoder", str(root / "encoder"), "--out", str(out), "--check"]) == 0
     # the metrics of another run are refused, and the published copy stays as it was
@@ -237,11 +238,10 @@ def test_the_published_encoder_is_the_default_and_matches_its_card():
     from pipeline.config import load_params
     from pipeline.ssl.config import SSLConfig
 
-    publish = _publish_script()
     pub = REPO / "published" / "encoder"
     card = (pub / "MODEL_CARD.md").read_text()
     for name in ("model.safetensors", "config.json"):
-        assert publish.sha256(pub / name) in card, name
+        assert sha256_file(pub / name) in card, name
     params = load_params(REPO / "params.yaml")
     assert (params.encoder.source, params.encoder.weights) == ("file", "published/encoder")
     # params.yaml's pretrain_encoder section is the recipe that reproduces it (encoder.source: ssl)
