@@ -321,6 +321,18 @@ class RendererModel(ModelSize):
     aligned: bool = Field(
         True, description="also give each VQ input the DiGIT token at its image location (models/renderer.py)"
     )
+    digit_merge: int = Field(
+        1,
+        ge=1,
+        description="ar only: each m×m block of DiGIT tokens is one prefix position (a DiGIT grid m times finer "
+        "than the VQ's at the VQ grid's cost; models/renderer.py)",
+    )
+
+    @model_validator(mode="after")
+    def _merge_is_ar(self) -> RendererModel:
+        if self.digit_merge > 1 and self.kind != "ar":
+            raise ValueError(f"digit_merge {self.digit_merge} needs kind ar (the NAR renderer has no merge)")
+        return self
 
 
 class TrainRenderer(Section):

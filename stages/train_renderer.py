@@ -45,6 +45,8 @@ def build_renderer(params: Params, meta: dict[str, Any]) -> Renderer | NARRender
     _, k, (h, w) = token_spec(meta, "digit")
     _, v, (hv, wv) = token_spec(meta, "vq")
     grids = {"aligned": m.aligned, "digit_grid": (h, w), "vq_grid": (hv, wv)}
+    if m.kind == "ar":
+        grids["digit_merge"] = m.digit_merge
     config = renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides(), **grids)
     model_class = NARRenderer if m.kind == "nar" else Renderer
     return model_class(config, seed=params.train_renderer.train.seed)
@@ -88,7 +90,7 @@ def run(
     }
     fit = train_and_promote(model, stream.batches, p.train, params.base.device, out, run_meta, curves)
     # Every sequence runs N DiGIT + M VQ positions through the trunk.
-    summary = train_summary(fit, c.digit_len + c.vq_len)
+    summary = train_summary(fit, c.prefix_len + c.vq_len)
     if rank != 0:
         return summary
     device = resolve_device(params.base.device)

@@ -122,3 +122,12 @@ def test_ssl_package_exports_resolve_lazily():
     assert callable(ssl.build_vit) and callable(ssl.vit_kwargs)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ssl.nope  # noqa: B018
+
+
+def test_renderer_digit_merge_is_for_the_ar_renderer_only():
+    ok = parse_params({"train_renderer": {"model": {"digit_merge": 2}}})
+    assert ok.train_renderer.model.digit_merge == 2
+    with pytest.raises(ParamsError, match=r"train_renderer\.model.*digit_merge 2 needs kind ar"):
+        parse_params({"train_renderer": {"model": {"kind": "nar", "digit_merge": 2}}})
+    with pytest.raises(ParamsError, match=r"train_renderer\.model\.digit_merge.*greater than or equal to 1"):
+        parse_params({"train_renderer": {"model": {"digit_merge": 0}}})

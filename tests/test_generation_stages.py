@@ -424,3 +424,39 @@ def test_vq_variant_gets_its_own_model_training_and_sampling_knobs(chain, tmp_pa
     assert read_json(tmp_path / "s/meta.json")["gpt"]["top_k"] == 5
     with pytest.raises(Exception, match=r"train_gpt.vq_model: .*norm"):
         with_overrides(params, {"train_gpt.vq_model": {"norm": "middle"}})
+
+
+def test_a_finer_digit_grid_with_a_merged_renderer_goes_through_the_stages(chain, tmp_path):
+    # the encoder at twice the input size: an 8x8 DiGIT grid over the 4x4 VQ grid, the renderer merging 2x2
+    root, params, _ = chain
+    fine = with_overrides(params, {"encoder.img_size": 64, "train_renderer.model.digit_merge": 2})
+    extract.run(fine, images=str(root / "images"), out=str(tmp_path / "features.zarr"))
+    kmeans.run(fine, features=str(tmp_path / "features.zarr"), out=str(tmp_path / "kmeans"))
+    tokenize.run(
+        fine,
+        kmeans=str(tmp_path / "kmeans"),
+        images=str(root / "images"),
+        vq=str(root / "vq"),
+        out=str(tmp_path / "tokens"),
+    )
+    train_gpt.run(fine, "digit", str(tmp_path / "tokens"), str(tmp_path / "gpt_digit"), None)
+    m = train_renderer.run(fine, str(tmp_path / "tokens"), str(tmp_path / "renderer"), None)
+    renderer = load_renderer(tmp_path / "renderer")
+    assert (
+        renderer.config.digit_len == 64 and renderer.config.prefix_len == 16 and renderer.config.vq_len == 16
+    )
+    assert m["digit_len"] == 64 and 0 < m["val_acc"] <= 1
+    s = sample.run(
+        fine,
+        variant="digit",
+        gpt=str(tmp_path / "gpt_digit"),
+        renderer=str(tmp_path / "renderer"),
+        vq=str(root / "vq"),
+        tokens=str(tmp_path / "tokens"),
+        out=str(tmp_path / "s"),
+        grid=None,
+    )
+    assert s["generated"] == N_SAMPLES
+    samples = list(iter_samples(list_shards(tmp_path / "s", "samples")))
+    assert all(x["digit.npy"].shape == (8, 8) and x["vq.npy"].shape == (4, 4) for x in samples)
+    assert all(x["png"].shape == (32, 32, 3) for x in samples)

@@ -171,3 +171,52 @@ def test_aligned_renderer_conditions_each_vq_token_on_its_digit_cell(tmp_path):
     save_checkpoint(tmp_path / "r", model.state_dict(), model.checkpoint_meta())
     loaded = load_renderer(tmp_path / "r")
     assert loaded.config == cfg and torch.equal(loaded.logits(batch["digit"], batch["vq"]), logits)
+
+
+def test_merge_blocks_groups_each_block_in_raster_order():
+    from pipeline.models.renderer import merge_blocks
+
+    x = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid of scalars 0..15, raster order
+    assert merge_blocks(x, (4, 4), 2)[0].tolist() == [
+        [0, 1, 4, 5],
+        [2, 3, 6, 7],
+        [8, 9, 12, 13],
+        [10, 11, 14, 15],
+    ]
+    assert torch.equal(merge_blocks(x, (4, 4), 1), x)
+
+
+def test_merged_renderer_has_a_short_prefix_and_each_vq_token_sees_its_whole_block(tmp_path):
+    # a 4x4 DiGIT grid over a 2x2 VQ grid, merged 2x2: the prefix has 4 positions, not 16
+    cfg = small_config(digit_len=16, vq_len=4, aligned=True, digit_grid=(4, 4), vq_grid=(2, 2), digit_merge=2)
+    assert cfg.prefix_len == 4 and cfg.merged_grid == (2, 2)
+    model = Renderer(cfg, seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    digit, vq = torch.randint(0, K, (3, 16), generator=g), torch.randint(0, V, (3, 4), generator=g)
+    logits = model.logits(digit, vq)
+    assert logits.shape == (3, 4, V)
+    assert model._prefix(digit, model._aligned(digit)).shape == (3, 4 + 1, cfg.n_embd)
+    # DiGIT token 6 (row 1, col 2) lies in block (0, 1), which holds VQ cell 1: through the aligned shortcut
+    # alone (the prefix held fixed) it moves prediction 1 and later ones, not prediction 0 — and it would
+    # not, without the merge, since VQ cell 1's centre falls on DiGIT token 7 alone
+    changed = digit.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % K
+    aligned = model._aligned(changed)
+    x = torch.cat([model._prefix(digit, aligned), model._embed_vq(vq[:, :-1], 0, aligned)], 1)
+    moved = (model.head(model.trunk(x)[:, cfg.prefix_len :]) - logits).abs().amax(dim=(0, 2))
+    assert moved[1] > 0 and moved[0] == 0
+    for batch_invariant in (True, False):
+        kw = {"top_p": 0.9, "batch_invariant": batch_invariant}
+        fast = model.generate(digit, sample_generators(1, range(3)), use_cache=True, **kw)
+        slow = model.generate(digit, sample_generators(1, range(3)), use_cache=False, **kw)
+        assert fast.shape == (3, 4) and torch.equal(fast, slow)
+    save_checkpoint(tmp_path / "r", model.state_dict(), model.checkpoint_meta())
+    loaded = load_renderer(tmp_path / "r")
+    assert loaded.config == cfg and torch.equal(loaded.logits(digit, vq), logits)
+
+
+def test_merge_needs_a_grid_it_divides():
+    with pytest.raises(ValueError, match="digit_merge: 2 needs a digit_grid whose rows and cols it divides"):
+        small_config(digit_len=9, digit_grid=(3, 3), digit_merge=2)
+    with pytest.raises(ValueError, match="digit_merge: 2 needs a digit_grid"):
+        small_config(digit_merge=2)

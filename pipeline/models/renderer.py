@@ -12,6 +12,11 @@ the true DiGIT tokens of each image (teacher forcing); at sampling time it is fe
 image, so the input that predicts VQ token j also gets an embedding of the DiGIT token at j's image location.
 The prefix still carries every DiGIT token; the shortcut only spares a small model from having to learn the
 grid correspondence through attention, which it otherwise spends most of a CPU-sized budget on.
+
+`digit_merge` m (optional): each m×m block of DiGIT tokens becomes one prefix position (the m² embeddings
+concatenated, then a linear map), and with `aligned` each VQ input gets its block's merged embedding. A DiGIT
+grid m times finer than the VQ grid then costs what a grid as coarse as the VQ's costs: the prefix is N / m²
+long, and every VQ token sees all the DiGIT tokens of its cell, not one of them.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class RendererConfig:
     vq_grid: tuple[int, int] | None = None  # (rows, cols) of the VQ tokens; needed when aligned
     norm: str = "pre"  # pre | post (see gpt.py)
     attn_dropout: float | None = None  # None = dropout
+    digit_merge: int = 1  # m: each m×m block of DiGIT tokens is one prefix position (needs digit_grid)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -75,9 +81,27 @@ class RendererConfig:
                     raise ValueError(f"RendererConfig.{name}: {grid} is not a 2-D grid of {length} tokens")
             elif self.aligned:
                 raise ValueError(f"RendererConfig: aligned needs {name} (the token grid's rows, cols)")
-        for name in ("digit_vocab_size", "vq_vocab_size", "digit_len", "vq_len"):
+        for name in ("digit_vocab_size", "vq_vocab_size", "digit_len", "vq_len", "digit_merge"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RendererConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        m = self.digit_merge
+        if m > 1 and (self.digit_grid is None or self.digit_grid[0] % m or self.digit_grid[1] % m):
+            raise ValueError(
+                f"RendererConfig.digit_merge: {m} needs a digit_grid whose rows and cols it divides, "
+                f"got {self.digit_grid}"
+            )
+
+    @property
+    def merged_grid(self) -> tuple[int, int] | None:
+        """The DiGIT grid in merged blocks (the prefix's grid)."""
+        if self.digit_grid is None:
+            return None
+        return (self.digit_grid[0] // self.digit_merge, self.digit_grid[1] // self.digit_merge)
+
+    @property
+    def prefix_len(self) -> int:
+        """DiGIT positions of the sequence: N / digit_merge²."""
+        return self.digit_len // self.digit_merge**2
 
 
 def renderer_config(
@@ -105,6 +129,14 @@ def aligned_index(digit_grid: tuple[int, int], vq_grid: tuple[int, int]) -> torc
     return (rows[:, None] * dw + cols[None, :]).flatten()
 
 
+def merge_blocks(x: torch.Tensor, grid: tuple[int, int], m: int) -> torch.Tensor:
+    """[B, h*w, D] (raster over grid) -> [B, (h/m)*(w/m), m*m*D]: each m×m block's rows concatenated, blocks in
+    raster order."""
+    (h, w), (b, _, d) = grid, x.shape
+    x = x.view(b, h // m, m, w // m, m, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // m) * (w // m), m * m * d)
+
+
 def check_ids(ids: torch.Tensor, length: int, vocab: int, name: str) -> None:
     """Token ids must be int64 [B, length] in [0, vocab); the error names the tensor and what is wrong."""
     if ids.dim() != 2 or ids.shape[1] != length or ids.dtype != torch.long:
@@ -120,7 +152,9 @@ class Renderer(nn.Module):
         self.config = config
         c = config
         self.digit_emb = nn.Embedding(c.digit_vocab_size, c.n_embd)
-        self.digit_pos = nn.Embedding(c.digit_len, c.n_embd)
+        self.digit_pos = nn.Embedding(c.prefix_len, c.n_embd)
+        if c.digit_merge > 1:
+            self.merge_proj = nn.Linear(c.digit_merge**2 * c.n_embd, c.n_embd)
         self.vq_emb = nn.Embedding(c.vq_vocab_size + 1, c.n_embd)  # last row: SEP
         self.vq_pos = nn.Embedding(c.vq_len, c.n_embd)  # SEP at 0, v_j (as input) at j
         self.drop = nn.Dropout(c.dropout)
@@ -130,7 +164,10 @@ class Renderer(nn.Module):
         self.head = nn.Linear(c.n_embd, c.vq_vocab_size, bias=False)
         if c.aligned:
             self.aligned_emb = nn.Embedding(c.digit_vocab_size, c.n_embd)
-            self.register_buffer("align_index", aligned_index(c.digit_grid, c.vq_grid), persistent=False)
+            if c.digit_merge > 1:
+                self.aligned_merge_proj = nn.Linear(c.digit_merge**2 * c.n_embd, c.n_embd)
+            index = aligned_index(c.merged_grid, c.vq_grid)
+            self.register_buffer("align_index", index, persistent=False)
         self.embed_scale = embed_scale(c.norm, c.n_embd)
         init_model(self, c.norm, c.n_layer, torch.Generator().manual_seed(seed))
 
@@ -148,13 +185,23 @@ class Renderer(nn.Module):
         """[B, M, D]: row j is the aligned embedding added to the input that predicts VQ token j (0-based)."""
         if not self.config.aligned:
             return None
-        return self.aligned_emb(digit[:, self.align_index]) * self.embed_scale
+        if self.config.digit_merge == 1:
+            return self.aligned_emb(digit[:, self.align_index]) * self.embed_scale
+        merged = self._merged(self.aligned_emb(digit), self.aligned_merge_proj)
+        return merged[:, self.align_index] * self.embed_scale
+
+    def _merged(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """Token embeddings [B, N, D] -> one per merged block [B, N / m², D]."""
+        return linear(merge_blocks(x, self.config.digit_grid, self.config.digit_merge))
 
     def _prefix(self, digit: torch.Tensor, aligned: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings of [s1 .. sN, SEP]: [B, N + 1, D]."""
+        """Embeddings of [s1 .. sN, SEP] (blocks of digit_merge² tokens merged): [B, N / m² + 1, D]."""
         device = digit.device
         s = self.embed_scale
-        x = self.digit_emb(digit) * s + self.digit_pos(torch.arange(digit.shape[1], device=device))
+        x = self.digit_emb(digit)
+        if self.config.digit_merge > 1:
+            x = self._merged(x, self.merge_proj)
+        x = x * s + self.digit_pos(torch.arange(x.shape[1], device=device))
         sep_ids = torch.full((digit.shape[0], 1), self.sep, device=device)
         sep = self.vq_emb(sep_ids) * s + self.vq_pos.weight[:1]
         if aligned is not None:
@@ -174,7 +221,7 @@ class Renderer(nn.Module):
         aligned = self._aligned(digit)
         x = torch.cat([self._prefix(digit, aligned), self._embed_vq(vq[:, :-1], 0, aligned)], dim=1)
         h = self.trunk(x)
-        return self.head(h[:, self.config.digit_len :])
+        return self.head(h[:, self.config.prefix_len :])
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch {"digit": [B, N] long, "vq": [B, M] long} -> (CE over the VQ segment, {"acc"})."""
