@@ -446,16 +446,8 @@ def test_a_finer_digit_grid_with_a_merged_renderer_goes_through_the_stages(chain
         renderer.config.digit_len == 64 and renderer.config.prefix_len == 16 and renderer.config.vq_len == 16
     )
     assert m["digit_len"] == 64 and 0 < m["val_acc"] <= 1
-    s = sample.run(
-        fine,
-        variant="digit",
-        gpt=str(tmp_path / "gpt_digit"),
-        renderer=str(tmp_path / "renderer"),
-        vq=str(root / "vq"),
-        tokens=str(tmp_path / "tokens"),
-        out=str(tmp_path / "s"),
-        grid=None,
-    )
+    (tmp_path / "vq").symlink_to(root / "vq")
+    s = _sample(fine, tmp_path, "digit", tmp_path / "s", grid=None)
     assert s["generated"] == N_SAMPLES
     samples = list(iter_samples(list_shards(tmp_path / "s", "samples")))
     assert all(x["digit.npy"].shape == (8, 8) and x["vq.npy"].shape == (4, 4) for x in samples)
