@@ -59,7 +59,7 @@ def fine_tokens(params: Params, work: Path) -> Path:
     feats, km, tokens = d / "features.zarr", d / "kmeans", d / "tokens"
 
     def make() -> dict[str, Any]:
-        shutil.rmtree(d / "tokens", ignore_errors=True)
+        shutil.rmtree(tokens, ignore_errors=True)
         extract.run(params, out=str(feats))
         kmeans.run(params, features=str(feats), out=str(km))
         return tokenize.run(params, kmeans=str(km), out=str(tokens))

@@ -44,9 +44,7 @@ def build_renderer(params: Params, meta: dict[str, Any]) -> Renderer | NARRender
     m = params.train_renderer.model
     _, k, (h, w) = token_spec(meta, "digit")
     _, v, (hv, wv) = token_spec(meta, "vq")
-    grids = {"aligned": m.aligned, "digit_grid": (h, w), "vq_grid": (hv, wv)}
-    if m.kind == "ar":
-        grids["digit_merge"] = m.digit_merge
+    grids = {"aligned": m.aligned, "digit_grid": (h, w), "vq_grid": (hv, wv), "digit_merge": m.digit_merge}
     config = renderer_config(m.size, k, v, h * w, hv * wv, **m.overrides(), **grids)
     model_class = NARRenderer if m.kind == "nar" else Renderer
     return model_class(config, seed=params.train_renderer.train.seed)
@@ -89,7 +87,7 @@ def run(
         "train_params": train_params(p.train),
     }
     fit = train_and_promote(model, stream.batches, p.train, params.base.device, out, run_meta, curves)
-    # Every sequence runs N DiGIT + M VQ positions through the trunk.
+    # Every sequence runs N / m² DiGIT (merged) + M VQ positions through the trunk.
     summary = train_summary(fit, c.prefix_len + c.vq_len)
     if rank != 0:
         return summary

@@ -47,6 +47,19 @@ def _sample(params, root, variant, out, **paths):
     )
 
 
+def _tokens(params, root, out):
+    """extract → kmeans → tokenize of root's images and VQ, into out (features.zarr, kmeans, tokens)."""
+    extract.run(params, images=str(root / "images"), out=str(out / "features.zarr"))
+    kmeans.run(params, features=str(out / "features.zarr"), out=str(out / "kmeans"))
+    tokenize.run(
+        params,
+        kmeans=str(out / "kmeans"),
+        images=str(root / "images"),
+        vq=str(root / "vq"),
+        out=str(out / "tokens"),
+    )
+
+
 @pytest.fixture(scope="module")
 def chain(one_thread, encoder_dir, tmp_path_factory):
     """The tiny token shards, both GPTs (digit: class-conditional, vq: unconditional), the renderer and
@@ -54,16 +67,8 @@ def chain(one_thread, encoder_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     params = _params(encoder_dir)
     prepare.run(params, out=str(root / "images"))
-    extract.run(params, images=str(root / "images"), out=str(root / "features.zarr"))
-    kmeans.run(params, features=str(root / "features.zarr"), out=str(root / "kmeans"))
     train_vq.run(params, images=str(root / "images"), out=str(root / "vq"), curves=None)
-    tokenize.run(
-        params,
-        kmeans=str(root / "kmeans"),
-        images=str(root / "images"),
-        vq=str(root / "vq"),
-        out=str(root / "tokens"),
-    )
+    _tokens(params, root, root)
     m = {}
     m["gpt_digit"] = train_gpt.run(
         params, "digit", str(root / "tokens"), str(root / "gpt_{variant}"), str(root / "gpt_digit_curves")
@@ -430,15 +435,7 @@ def test_a_finer_digit_grid_with_a_merged_renderer_goes_through_the_stages(chain
     # the encoder at twice the input size: an 8x8 DiGIT grid over the 4x4 VQ grid, the renderer merging 2x2
     root, params, _ = chain
     fine = with_overrides(params, {"encoder.img_size": 64, "train_renderer.model.digit_merge": 2})
-    extract.run(fine, images=str(root / "images"), out=str(tmp_path / "features.zarr"))
-    kmeans.run(fine, features=str(tmp_path / "features.zarr"), out=str(tmp_path / "kmeans"))
-    tokenize.run(
-        fine,
-        kmeans=str(tmp_path / "kmeans"),
-        images=str(root / "images"),
-        vq=str(root / "vq"),
-        out=str(tmp_path / "tokens"),
-    )
+    _tokens(fine, root, tmp_path)
     train_gpt.run(fine, "digit", str(tmp_path / "tokens"), str(tmp_path / "gpt_digit"), None)
     m = train_renderer.run(fine, str(tmp_path / "tokens"), str(tmp_path / "renderer"), None)
     renderer = load_renderer(tmp_path / "renderer")

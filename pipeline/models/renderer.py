@@ -185,10 +185,10 @@ class Renderer(nn.Module):
         """[B, M, D]: row j is the aligned embedding added to the input that predicts VQ token j (0-based)."""
         if not self.config.aligned:
             return None
-        if self.config.digit_merge == 1:
-            return self.aligned_emb(digit[:, self.align_index]) * self.embed_scale
-        merged = self._merged(self.aligned_emb(digit), self.aligned_merge_proj)
-        return merged[:, self.align_index] * self.embed_scale
+        x = self.aligned_emb(digit)
+        if self.config.digit_merge > 1:
+            x = self._merged(x, self.aligned_merge_proj)
+        return x[:, self.align_index] * self.embed_scale
 
     def _merged(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
         """Token embeddings [B, N, D] -> one per merged block [B, N / m², D]."""
